@@ -1,0 +1,461 @@
+"""QuantizedEmbeddingBagCollection: a drop-in, product-quantized EmbeddingBagCollection."""
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType, pooling_type_to_str
+from torchrec.modules.embedding_modules import (
+    EmbeddingBagCollection,
+    EmbeddingBagCollectionInterface,
+    get_embedding_names_by_table,
+)
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_mec.modules.quantized_embedding_configs import (
+    QuantizedEmbeddingBagConfig,
+    as_quantized_config,
+    code_dtype,
+)
+from torchrec_mec.ops.reference import pq_embedding_bag
+from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup
+
+
+class ProductQuantizedTable(nn.Module):
+    """One product-quantized table: frozen ``codes`` [N, M] and trainable ``codebooks`` [M, K, D/M].
+
+    Row ``i`` is ``concat_m codebooks[m, codes[i, m]]``. Codes are stored in the smallest
+    unsigned dtype that holds ``K - 1`` (uint8 for K <= 256, else uint16).
+
+    Args:
+        config: the table's config (``codebook_size > 0``).
+        device: where to allocate.
+
+    Example::
+
+        >>> cfg = QuantizedEmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4,
+        ...     feature_names=["f"], num_subspaces=2, codebook_size=4)
+        >>> table = ProductQuantizedTable(cfg)
+        >>> table.codes.dtype, tuple(table.codebooks.shape), tuple(table.decode().shape)
+        (torch.uint8, (2, 4, 2), (10, 4))
+    """
+
+    def __init__(self, config: QuantizedEmbeddingBagConfig, device: Optional[torch.device] = None):
+        super().__init__()
+        self.name = config.name
+        self.num_embeddings = config.num_embeddings
+        self.num_subspaces = config.num_subspaces
+        self.codebook_size = config.codebook_size
+        # Random codes make an untrained QEBC a usable (hashing-like) model; MEC replaces them.
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(
+            0, config.codebook_size, (config.num_embeddings, config.num_subspaces), generator=gen
+        )
+        self.register_buffer("codes", codes.to(device=device, dtype=config.code_dtype))
+        self.codebooks = nn.Parameter(
+            torch.empty(
+                config.num_subspaces, config.codebook_size, config.subspace_dim, device=device
+            )
+        )
+        if config.init_fn is not None and self.codebooks.device.type != "meta":
+            config.init_fn(self.codebooks)
+
+    def decode(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The reconstructed rows (all of them by default): [len(rows), D]."""
+        codes = self.codes if rows is None else self.codes[rows]
+        parts = [self.codebooks[m][codes[:, m].long()] for m in range(self.num_subspaces)]
+        return torch.cat(parts, dim=1)
+
+    def check(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+        """Raises ``ValueError`` naming the table if codes or codebooks do not fit it."""
+        want_codes = (self.num_embeddings, self.num_subspaces)
+        if tuple(codes.shape) != want_codes:
+            raise ValueError(
+                f"table {self.name!r}: codes have shape {tuple(codes.shape)}, expected {want_codes}"
+            )
+        if codes.dtype != self.codes.dtype:
+            raise ValueError(
+                f"table {self.name!r}: codes have dtype {codes.dtype}, expected {self.codes.dtype} "
+                f"(codebook_size {self.codebook_size})"
+            )
+        top = int(codes.to(torch.int32).max()) if codes.numel() else 0
+        if top >= self.codebook_size:
+            raise ValueError(
+                f"table {self.name!r}: code {top} >= codebook_size {self.codebook_size}"
+            )
+        if tuple(codebooks.shape) != tuple(self.codebooks.shape):
+            raise ValueError(
+                f"table {self.name!r}: codebooks have shape {tuple(codebooks.shape)}, "
+                f"expected {tuple(self.codebooks.shape)}"
+            )
+        if codebooks.dtype != torch.float32:
+            raise ValueError(
+                f"table {self.name!r}: codebooks have dtype {codebooks.dtype}, expected torch.float32"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:  # type: ignore[no-untyped-def]
+        codes, books = state_dict.get(prefix + "codes"), state_dict.get(prefix + "codebooks")
+        if isinstance(codes, torch.Tensor) and isinstance(books, torch.Tensor):
+            # nn.Module would cast int64 codes to uint8 silently (wrapping values >= 256).
+            self.check(codes, books)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+@dataclass
+class TableMemory:
+    """Bytes held by one table, and by the float32 table it replaces."""
+
+    rows: int
+    dim: int
+    compressed: bool
+    codes_bytes: int
+    codebooks_bytes: int
+    weight_bytes: int
+    baseline_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.codes_bytes + self.codebooks_bytes + self.weight_bytes
+
+
+@dataclass
+class MemoryReport:
+    """Per-table bytes of a QEBC and the ratio against a float32 ``EmbeddingBagCollection``."""
+
+    tables: Dict[str, TableMemory]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.total_bytes for t in self.tables.values())
+
+    @property
+    def baseline_bytes(self) -> int:
+        return sum(t.baseline_bytes for t in self.tables.values())
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_bytes / max(self.total_bytes, 1)
+
+
+def _full_table(config: EmbeddingBagConfig, device: Optional[torch.device]) -> nn.EmbeddingBag:
+    # Same module, shape and init as TorchRec's EmbeddingBagCollection, so its state loads as is.
+    bag = nn.EmbeddingBag(
+        num_embeddings=config.num_embeddings,
+        embedding_dim=config.embedding_dim,
+        mode=pooling_type_to_str(config.pooling),
+        device=device,
+        include_last_offset=True,
+    )
+    if config.init_fn is not None and bag.weight.device.type != "meta":
+        config.init_fn(bag.weight)
+    return bag
+
+
+class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """An ``EmbeddingBagCollection`` whose tables may be product-quantized (MEC).
+
+    ``forward(KeyedJaggedTensor) -> KeyedTensor`` with the keys, order and dimensions of an
+    ``EmbeddingBagCollection`` built from the same configs, so it drops into ``DLRM``,
+    ``DLRM_DCN``, DeepFM or any model that takes an EBC. Tables whose config has
+    ``codebook_size > 0`` hold ``codes`` and ``codebooks``; the others hold ``weight`` exactly as
+    in the EBC. On CPU all tables are looked up by one FBGEMM table-batched op whose tables are the
+    codebooks' subspaces and the full tables; gradients reach ``codebooks`` and ``weight`` through
+    autograd, so any torch optimizer trains them. Codes are a frozen buffer.
+
+    Args:
+        tables: ``QuantizedEmbeddingBagConfig`` (or plain ``EmbeddingBagConfig``, kept full).
+        is_weighted: whether the input KJT carries per-id weights.
+        device: where to allocate the tables.
+
+    Example::
+
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> tables = [
+        ...     QuantizedEmbeddingBagConfig(name="big", num_embeddings=1000, embedding_dim=8,
+        ...         feature_names=["f1"], num_subspaces=4, codebook_size=16),
+        ...     QuantizedEmbeddingBagConfig(name="small", num_embeddings=10, embedding_dim=4,
+        ...         feature_names=["f2"]),
+        ... ]
+        >>> qebc = QuantizedEmbeddingBagCollection(tables)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(
+        ...     keys=["f1", "f2"], values=torch.tensor([1, 999, 3, 7]),
+        ...     lengths=torch.tensor([2, 0, 1, 1]))
+        >>> out = qebc(kjt)
+        >>> out.keys(), tuple(out.values().shape)
+        (['f1', 'f2'], (2, 12))
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        self._is_weighted = is_weighted
+        self._embedding_bag_configs: List[QuantizedEmbeddingBagConfig] = [
+            t if isinstance(t, QuantizedEmbeddingBagConfig) else as_quantized_config(t)
+            for t in tables
+        ]
+        self.embedding_bags = nn.ModuleDict()
+        seen_features: Dict[str, str] = {}
+        for cfg in self._embedding_bag_configs:
+            if cfg.name in self.embedding_bags:
+                raise ValueError(f"Duplicate table name {cfg.name}")
+            if not cfg.feature_names:
+                cfg.feature_names = [cfg.name]
+            for f in cfg.feature_names:
+                if f in seen_features:
+                    raise ValueError(
+                        f"feature {f!r} is read by tables {seen_features[f]!r} and {cfg.name!r}"
+                    )
+                seen_features[f] = cfg.name
+            if is_weighted and cfg.pooling == PoolingType.MEAN:
+                raise ValueError(
+                    f"table {cfg.name!r}: weighted features need SUM pooling (as in nn.EmbeddingBag)"
+                )
+            if cfg.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+                raise ValueError(f"table {cfg.name!r}: pooling {cfg.pooling} is not supported")
+            self.embedding_bags[cfg.name] = (
+                ProductQuantizedTable(cfg, device) if cfg.compressed else _full_table(cfg, device)
+            )
+        self._device = next(iter(self.parameters())).device if len(tables) else torch.device("cpu")
+        self._embedding_names: List[str] = [
+            name for names in get_embedding_names_by_table(self._embedding_bag_configs)
+            for name in names
+        ]
+        self._lengths_per_embedding: List[int] = [
+            cfg.embedding_dim for cfg in self._embedding_bag_configs for _ in cfg.feature_names
+        ]
+        self._feature_names: List[str] = [
+            f for cfg in self._embedding_bag_configs for f in cfg.feature_names
+        ]
+        self._feature_configs: List[QuantizedEmbeddingBagConfig] = [
+            cfg for cfg in self._embedding_bag_configs for _ in cfg.feature_names
+        ]
+        self._feature_set = set(self._feature_names)
+        # One TBE table per codebook subspace and per full table; one TBE feature slot per
+        # (feature, subspace), so the op's pooled output is already the concatenation.
+        shapes: List[Tuple[int, int]] = []
+        first_table: Dict[str, int] = {}
+        for cfg in self._embedding_bag_configs:
+            first_table[cfg.name] = len(shapes)
+            if cfg.compressed:
+                shapes += [(cfg.codebook_size, cfg.subspace_dim)] * cfg.num_subspaces
+            else:
+                shapes.append((cfg.num_embeddings, cfg.embedding_dim))
+        slots = [
+            first_table[cfg.name] + m
+            for cfg in self._feature_configs
+            for m in range(cfg.num_subspaces if cfg.compressed else 1)
+        ]
+        self._lookup = TableBatchedLookup(shapes, slots) if shapes else None
+        self._buffer = FlatParameterBuffer(
+            [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs]
+        )
+
+    # -- the EmbeddingBagCollectionInterface ------------------------------------------------
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:  # type: ignore[override]
+        return self._embedding_bag_configs  # type: ignore[return-value]
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        features = self._in_table_order(features)
+        per_feature = self._split(features)
+        if self._lookup is not None and features.values().device.type == "cpu":
+            values = self._tbe_forward(per_feature)
+        else:
+            values = self._plain_forward(per_feature)
+        return KeyedTensor(
+            keys=self._embedding_names,
+            length_per_key=self._lengths_per_embedding,
+            values=values,
+        )
+
+    # -- construction from a trained model -------------------------------------------------
+    @classmethod
+    def from_embedding_bag_collection(
+        cls,
+        ebc: EmbeddingBagCollection,
+        compressed: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+        device: Optional[torch.device] = None,
+    ) -> "QuantizedEmbeddingBagCollection":
+        """Builds a QEBC from a trained EBC: its weights for the full tables, and for each table
+        named in ``compressed`` the given ``(codes [N, M], codebooks [M, K, D/M])``.
+
+        Example::
+
+            >>> from torchrec.modules.embedding_modules import EmbeddingBagCollection
+            >>> ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t", num_embeddings=6,
+            ...     embedding_dim=4, feature_names=["f"])])
+            >>> codes = torch.zeros(6, 2, dtype=torch.uint8)
+            >>> qebc = QuantizedEmbeddingBagCollection.from_embedding_bag_collection(
+            ...     ebc, {"t": (codes, torch.zeros(2, 3, 2))})
+            >>> qebc.memory_report().tables["t"].codes_bytes
+            12
+        """
+        names = {cfg.name for cfg in ebc.embedding_bag_configs()}
+        unknown = sorted(set(compressed) - names)
+        if unknown:
+            raise ValueError(f"compressed tables {unknown} are not tables of the EBC ({sorted(names)})")
+        configs = []
+        for cfg in ebc.embedding_bag_configs():
+            if cfg.name in compressed:
+                codes, books = compressed[cfg.name]
+                if books.dim() != 3:
+                    raise ValueError(
+                        f"table {cfg.name!r}: codebooks must be [M, K, D/M], got {tuple(books.shape)}"
+                    )
+                configs.append(as_quantized_config(cfg, books.shape[0], books.shape[1]))
+            else:
+                configs.append(as_quantized_config(cfg))
+        qebc = cls(configs, is_weighted=ebc.is_weighted(), device=device)
+        with torch.no_grad():
+            for cfg in configs:
+                if cfg.name in compressed:
+                    qebc.load_codes(cfg.name, *compressed[cfg.name])
+                else:
+                    qebc.embedding_bags[cfg.name].weight.copy_(ebc.embedding_bags[cfg.name].weight)
+        return qebc
+
+    @torch.no_grad()
+    def load_codes(self, table: str, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+        """Loads one compressed table's codes and codebooks (checked against its config)."""
+        module = self.embedding_bags[table] if table in self.embedding_bags else None
+        if not isinstance(module, ProductQuantizedTable):
+            raise ValueError(f"table {table!r} is not a compressed table of this collection")
+        module.check(codes, codebooks)
+        module.codes.copy_(codes)
+        module.codebooks.copy_(codebooks)
+
+    # -- memory ----------------------------------------------------------------------------
+    def memory_report(self) -> MemoryReport:
+        """Bytes per table (codes, codebooks, full weights) against a float32 EBC.
+
+        Example::
+
+            >>> qebc = QuantizedEmbeddingBagCollection([QuantizedEmbeddingBagConfig(name="t",
+            ...     num_embeddings=100_000, embedding_dim=64, feature_names=["f"],
+            ...     num_subspaces=8, codebook_size=256)])
+            >>> round(qebc.memory_report().ratio, 1)
+            29.6
+        """
+        tables = {}
+        for cfg in self._embedding_bag_configs:
+            module = self.embedding_bags[cfg.name]
+            baseline = cfg.num_embeddings * cfg.embedding_dim * 4
+            if isinstance(module, ProductQuantizedTable):
+                codes = module.codes.numel() * module.codes.element_size()
+                books = module.codebooks.numel() * module.codebooks.element_size()
+                weight = 0
+            else:
+                codes = books = 0
+                weight = module.weight.numel() * module.weight.element_size()
+            tables[cfg.name] = TableMemory(
+                rows=cfg.num_embeddings,
+                dim=cfg.embedding_dim,
+                compressed=cfg.compressed,
+                codes_bytes=codes,
+                codebooks_bytes=books,
+                weight_bytes=weight,
+                baseline_bytes=baseline,
+            )
+        return MemoryReport(tables)
+
+    # -- internals -------------------------------------------------------------------------
+    def _table_parameter(self, name: str) -> nn.Parameter:
+        module = self.embedding_bags[name]
+        return module.codebooks if isinstance(module, ProductQuantizedTable) else module.weight
+
+    def _in_table_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        keys = features.keys()
+        if keys == self._feature_names:
+            return features
+        missing = [f for f in self._feature_names if f not in set(keys)]
+        if missing:
+            raise ValueError(f"KeyedJaggedTensor is missing configured feature(s) {missing}")
+        unknown = [k for k in keys if k not in self._feature_set]
+        if unknown:
+            raise ValueError(
+                f"KeyedJaggedTensor carries feature(s) {unknown} that no table reads "
+                f"(configured: {self._feature_names})"
+            )
+        index = {k: i for i, k in enumerate(keys)}
+        return features.permute([index[f] for f in self._feature_names])
+
+    def _split(
+        self, features: KeyedJaggedTensor
+    ) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Per feature: (ids, lengths [B], weights or None), with ids checked against the table."""
+        values = features.values()
+        if values.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"feature ids must be int32 or int64, got {values.dtype}")
+        weights = features.weights_or_none() if self._is_weighted else None
+        if self._is_weighted and weights is None:
+            raise ValueError("this collection is weighted but the KeyedJaggedTensor has no weights")
+        sizes = features.length_per_key()
+        ids = values.split(sizes)
+        lengths = features.lengths().view(len(self._feature_names), -1)
+        ws = weights.split(sizes) if weights is not None else [None] * len(ids)
+        for name, cfg, v in zip(self._feature_names, self._feature_configs, ids):
+            if v.numel():
+                lo, hi = int(v.min()), int(v.max())
+                if lo < 0 or hi >= cfg.num_embeddings:
+                    bad = lo if lo < 0 else hi
+                    raise ValueError(
+                        f"feature {name!r}: id {bad} is out of range for table {cfg.name!r} "
+                        f"with {cfg.num_embeddings} rows"
+                    )
+        return list(zip(ids, lengths, ws))
+
+    def _tbe_forward(
+        self, per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+    ) -> torch.Tensor:
+        index_parts, length_parts, weight_parts = [], [], []
+        any_mean = any(cfg.pooling == PoolingType.MEAN for cfg in self._feature_configs)
+        need_weights = self._is_weighted or any_mean
+        for cfg, (ids, lengths, w) in zip(self._feature_configs, per_feature):
+            if cfg.pooling == PoolingType.MEAN:
+                inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
+                w = torch.repeat_interleave(inv, lengths, output_size=ids.numel())
+            elif need_weights and w is None:
+                w = torch.ones(ids.numel(), dtype=torch.float32)
+            if cfg.compressed:
+                m = cfg.num_subspaces
+                codes = self.embedding_bags[cfg.name].codes
+                index_parts.append(codes[ids].t().reshape(-1).to(torch.int64))
+                length_parts.append(lengths.repeat(m))
+                if need_weights:
+                    weight_parts.append(w.to(torch.float32).repeat(m))
+            else:
+                index_parts.append(ids.to(torch.int64))
+                length_parts.append(lengths)
+                if need_weights:
+                    weight_parts.append(w.to(torch.float32))
+        indices = torch.cat(index_parts)
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(length_parts).long())
+        psw = torch.cat(weight_parts) if need_weights else None
+        assert self._lookup is not None
+        return self._lookup(self._buffer, indices, offsets, psw)
+
+    def _plain_forward(
+        self, per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+    ) -> torch.Tensor:
+        outs = []
+        for cfg, (ids, lengths, w) in zip(self._feature_configs, per_feature):
+            offsets = torch.nn.functional.pad(lengths.long().cumsum(0), (1, 0))
+            mode = pooling_type_to_str(cfg.pooling)
+            module = self.embedding_bags[cfg.name]
+            if isinstance(module, ProductQuantizedTable):
+                outs.append(pq_embedding_bag(module.codes, module.codebooks, ids, offsets, w, mode))
+            else:
+                outs.append(module(ids, offsets, per_sample_weights=w))
+        return torch.cat(outs, dim=1)

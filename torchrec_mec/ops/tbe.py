@@ -1,0 +1,172 @@
+"""FBGEMM table-batched embedding (TBE) lookup over per-table parameters that share one buffer.
+
+FBGEMM's TBE ops read every table from one flat weight buffer. TorchRec users, optimizers and
+checkpoints expect one parameter per table (``codebooks`` [M, K, D/M], ``weight`` [N, D]). The
+two views are reconciled without copies: the per-table parameters are views into the flat buffer
+(``FlatParameterBuffer``), the forward runs FBGEMM's CPU kernel on the buffer, and the backward
+runs FBGEMM's dense backward kernel and hands each parameter its slice of the gradient.
+"""
+from itertools import accumulate
+from math import log2
+from typing import List, Optional, Sequence, Tuple
+
+import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+import torch
+from torch import nn
+
+# FBGEMM's PoolingMode.SUM; MEAN is expressed as SUM with per-sample weights 1 / bag length, so
+# that SUM and MEAN tables share one op.
+_POOLING_SUM = 0
+_OUTPUT_FP32 = 0
+
+
+class FlatParameterBuffer:
+    """Keeps a list of parameters as views into one contiguous flat tensor.
+
+    ``flat()`` returns the buffer, re-packing it when something (``module.to()``,
+    ``param.data = ...``) has given a parameter storage of its own.
+
+    Example::
+
+        >>> a, b = nn.Parameter(torch.ones(2, 3)), nn.Parameter(torch.zeros(4))
+        >>> buf = FlatParameterBuffer([a, b])
+        >>> buf.flat().shape
+        torch.Size([10])
+        >>> with torch.no_grad():
+        ...     _ = a.mul_(2)
+        >>> float(buf.flat()[0])
+        2.0
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]) -> None:
+        self.params: List[nn.Parameter] = list(params)
+        self.numels: List[int] = [p.numel() for p in self.params]
+        self.offsets: List[int] = [0] + list(accumulate(self.numels))
+        self._flat: Optional[torch.Tensor] = None
+
+    def _is_packed(self) -> bool:
+        flat = self._flat
+        if flat is None:
+            return False
+        base = flat.data_ptr()
+        size = flat.element_size()
+        return all(
+            p.device == flat.device
+            and p.dtype == flat.dtype
+            and p.is_contiguous()
+            and p.data_ptr() == base + off * size
+            for p, off in zip(self.params, self.offsets)
+        )
+
+    @torch.no_grad()
+    def flat(self) -> torch.Tensor:
+        if not self._is_packed():
+            ref = self.params[0]
+            flat = torch.empty(self.offsets[-1], dtype=ref.dtype, device=ref.device)
+            for p, start, n in zip(self.params, self.offsets, self.numels):
+                flat[start : start + n].copy_(p.detach().reshape(-1))
+                p.data = flat[start : start + n].view(p.shape)
+            self._flat = flat
+        assert self._flat is not None
+        return self._flat
+
+
+class TableBatchedLookup:
+    """Pooled lookups of many features over many tables in one FBGEMM op.
+
+    Args:
+        table_shapes: ``(rows, dim)`` of each TBE table, in flat-buffer order.
+        feature_tables: for each feature slot (one output block of ``dim`` columns), the index
+            of the table it reads. Several slots may read one table.
+
+    The output of :meth:`__call__` is ``[B, sum of slot dims]``, slot blocks in slot order.
+
+    Example::
+
+        >>> lookup = TableBatchedLookup([(4, 2)], feature_tables=[0, 0])
+        >>> weights = nn.Parameter(torch.arange(8.0).view(4, 2))
+        >>> buf = FlatParameterBuffer([weights])
+        >>> out = lookup(buf, torch.tensor([0, 3, 1]), torch.tensor([0, 1, 2, 3, 3]), None)
+        >>> out.tolist()  # slot 0: bags [0], [3]; slot 1: bags [1], []
+        [[0.0, 1.0, 2.0, 3.0], [6.0, 7.0, 0.0, 0.0]]
+    """
+
+    def __init__(self, table_shapes: Sequence[Tuple[int, int]], feature_tables: Sequence[int]):
+        rows = [r for r, _ in table_shapes]
+        dims = [d for _, d in table_shapes]
+        slot_dims = [dims[t] for t in feature_tables]
+        self.total_dim = sum(slot_dims)
+        self.max_dim = max(dims)
+        self.d_offsets = torch.tensor([0] + list(accumulate(slot_dims)), dtype=torch.int32)
+        row_starts = [0] + list(accumulate(rows))
+        self.hash_size_cumsum = torch.tensor(
+            [row_starts[t] for t in feature_tables] + [row_starts[-1]], dtype=torch.int64
+        )
+        self.total_hash_size_bits = int(log2(float(row_starts[-1])) + 1) if row_starts[-1] else 0
+        weight_starts = [0] + list(accumulate(r * d for r, d in table_shapes))
+        self.weights_offsets = torch.tensor(
+            [weight_starts[t] for t in feature_tables], dtype=torch.int64
+        )
+
+    def __call__(
+        self,
+        buffer: FlatParameterBuffer,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        return _TBEFunction.apply(self, buffer, indices, offsets, per_sample_weights, *buffer.params)
+
+
+class _TBEFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        lookup: TableBatchedLookup,
+        buffer: FlatParameterBuffer,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        flat = buffer.flat()
+        out = torch.ops.fbgemm.split_embedding_codegen_forward_cpu(
+            flat,
+            lookup.weights_offsets,
+            lookup.d_offsets,
+            lookup.total_dim,
+            lookup.hash_size_cumsum,
+            indices,
+            offsets,
+            _POOLING_SUM,
+            per_sample_weights,
+            _OUTPUT_FP32,
+        )
+        ctx.lookup, ctx.buffer = lookup, buffer
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        indices, offsets, per_sample_weights = ctx.saved_tensors
+        lookup: TableBatchedLookup = ctx.lookup
+        buffer: FlatParameterBuffer = ctx.buffer
+        grad_flat = torch.ops.fbgemm.split_embedding_backward_codegen_dense_cpu(
+            grad_output.contiguous(),
+            buffer.flat(),
+            lookup.weights_offsets,
+            lookup.d_offsets,
+            lookup.max_dim,
+            lookup.hash_size_cumsum,
+            lookup.total_hash_size_bits,
+            indices,
+            offsets,
+            _POOLING_SUM,
+            per_sample_weights,
+            0.0,
+        )
+        grads = [
+            grad_flat[start : start + p.numel()].view(p.shape)
+            for p, start in zip(buffer.params, buffer.offsets)
+        ]
+        return (None, None, None, None, None, *grads)
