@@ -9,7 +9,9 @@ An artifact is one file holding named tensors and a JSON-serialisable ``meta`` d
 The sha256 covers header and payload, so any flipped byte after the first line is detected, and
 the byte counts in the first line tell a truncated file from a corrupted one. Files are written
 to ``<uri>.tmp-<pid>`` and renamed, so a reader never sees a half-written artifact under the
-final name, and a process killed mid-write leaves the previous version intact.
+final name, and a process killed mid-write leaves the previous version intact (local paths are
+replaced with ``os.replace``; iopath's ``mv`` refuses to overwrite, so other stores get
+remove-then-move).
 """
 import hashlib
 import io
@@ -73,10 +75,7 @@ def save_artifact(
             f.write(first)
             f.write(header)
             f.write(payload)
-        if g_pathmgr.exists(uri):
-            g_pathmgr.rm(uri)
-        if not g_pathmgr.mv(tmp, uri):
-            raise OSError(f"could not rename {tmp} to {uri}")
+        _replace(tmp, uri)
     finally:
         if g_pathmgr.exists(tmp):
             g_pathmgr.rm(tmp)
@@ -134,6 +133,17 @@ def load_artifact(
     header = json.loads(body[: info["header"]].decode("utf-8"))
     tensors = torch.load(io.BytesIO(body[info["header"] :]), weights_only=True)
     return tensors, header["meta"]
+
+
+def _replace(src: str, dst: str) -> None:
+    if "://" not in dst:
+        os.replace(src, dst)  # atomic, also over an existing file
+        return
+    # iopath's mv refuses to overwrite; other stores get remove-then-move.
+    if g_pathmgr.exists(dst):
+        g_pathmgr.rm(dst)
+    if not g_pathmgr.mv(src, dst):
+        raise OSError(f"could not rename {src} to {dst}")
 
 
 def _parse_first_line(uri: str, line: bytes) -> Dict[str, Any]:

@@ -1,0 +1,110 @@
+"""MECConfig: what stage 2 (the quantizer) does to one table."""
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict
+
+from torchrec_mec.modules.quantized_embedding_configs import MAX_CODEBOOK_SIZE
+
+ENCODERS = ("mlp", "linear", "none")
+
+
+@dataclass(frozen=True)
+class MECConfig:
+    """Settings of the MEC product quantizer (stage 2).
+
+    Every part of the method can be switched off on its own, so that its effect can be measured:
+    ``encoder="none"``, ``popularity_weighting=False``, ``reg_weight=0``,
+    ``contrastive_weight=0``, ``reseed_dead=False``, ``kmeans_init=False``,
+    ``early_stopping_patience=0``.
+
+    Args:
+        num_subspaces (int): M, codes per row; the table's dim must be divisible by it.
+        codebook_size (int): K, codewords per codebook, in [2, 65536]. Codes are stored in one
+            byte for K <= 256, two bytes above.
+        epochs (int): most training epochs; early stopping may end sooner.
+        samples_per_epoch (int): rows drawn (popularity-weighted, with replacement) per epoch.
+            Training cost does not grow with the table; encoding all rows at the end does.
+        batch_size (int): rows per optimizer step (the method's published 8,000 to 12,000).
+        lr (float): Adam learning rate, in units of the table's standardised scale.
+        seed (int): seeds every random draw (one ``torch.Generator``).
+        popularity_weighting (bool): weight row i by ``max(1, floor(log2 count_i))`` in training
+            samples, the k-means sample and the held-out loss; off weighs every row 1.
+        encoder (str): ``"mlp"`` (residual one-hidden-layer MLP), ``"linear"`` (residual linear
+            map) or ``"none"`` (z = e, plain PQ with trained codebooks). Both encoders start at
+            the identity, so training starts from the k-means product quantizer.
+        commitment_weight (float): beta of the commitment term ``||z - sg(q)||^2``.
+        reg_weight (float): weight of the code-usage regularizer (KL of each codebook's mean
+            soft assignment from uniform).
+        usage_temperature (float): temperature of the soft assignments, in units of each
+            subspace's mean squared quantization error after initialisation.
+        contrastive_weight (float): weight of the InfoNCE term with semi-synthetic negatives.
+        num_negatives (int): semi-synthetic negatives per row (one random code replaced each).
+        contrastive_temperature (float): InfoNCE temperature on cosine similarities.
+        reseed_dead (bool): after each epoch, move codewords that no sampled row used onto
+            badly quantized sampled rows.
+        kmeans_init (bool): initialise codebooks by k-means++ and Lloyd iterations on a
+            popularity-weighted sample; off takes sampled sub-vectors as codewords.
+        kmeans_iters (int): Lloyd iterations after k-means++ seeding.
+        kmeans_points_per_centroid (int): k-means sample size is this times K (capped at N*4).
+        early_stopping_patience (int): stop after this many epochs without improvement of the
+            held-out loss and keep the best state; 0 trains all epochs on all rows.
+        holdout_rows (int): rows held out for early stopping (at most a tenth of the table).
+
+    Example::
+
+        >>> cfg = MECConfig(num_subspaces=8, codebook_size=256, reg_weight=0.0)
+        >>> cfg.codebook_size, cfg.popularity_weighting
+        (256, True)
+    """
+
+    num_subspaces: int = 4
+    codebook_size: int = 256
+    epochs: int = 100
+    samples_per_epoch: int = 262_144
+    batch_size: int = 8192
+    lr: float = 1e-3
+    seed: int = 0
+    popularity_weighting: bool = True
+    encoder: str = "mlp"
+    commitment_weight: float = 0.25
+    reg_weight: float = 1e-4
+    usage_temperature: float = 1.0
+    contrastive_weight: float = 2e-3
+    num_negatives: int = 4
+    contrastive_temperature: float = 0.1
+    reseed_dead: bool = True
+    kmeans_init: bool = True
+    kmeans_iters: int = 20
+    kmeans_points_per_centroid: int = 128
+    early_stopping_patience: int = 5
+    holdout_rows: int = 16_384
+
+    def __post_init__(self) -> None:
+        positive = ("num_subspaces", "epochs", "samples_per_epoch", "batch_size", "num_negatives")
+        for field in positive:
+            if getattr(self, field) < 1:
+                raise ValueError(f"MECConfig.{field} must be >= 1, got {getattr(self, field)}")
+        nonneg = ("kmeans_iters", "early_stopping_patience", "holdout_rows")
+        for field in nonneg:
+            if getattr(self, field) < 0:
+                raise ValueError(f"MECConfig.{field} must be >= 0, got {getattr(self, field)}")
+        weights = ("commitment_weight", "reg_weight", "contrastive_weight")
+        for field in weights:
+            if getattr(self, field) < 0:
+                raise ValueError(f"MECConfig.{field} must be >= 0, got {getattr(self, field)}")
+        positive_float = ("lr", "usage_temperature", "contrastive_temperature")
+        for field in positive_float:
+            if not getattr(self, field) > 0:
+                raise ValueError(f"MECConfig.{field} must be > 0, got {getattr(self, field)}")
+        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise ValueError(
+                f"MECConfig.codebook_size must be in [2, {MAX_CODEBOOK_SIZE}], "
+                f"got {self.codebook_size}"
+            )
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"MECConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.kmeans_points_per_centroid < 1:
+            raise ValueError("MECConfig.kmeans_points_per_centroid must be >= 1")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,135 @@
+"""Chunked nearest-codeword search, weighted row sampling and k-means(++) for product quantizers.
+
+All functions are deterministic for a given ``torch.Generator`` and torch thread count.
+"""
+from typing import Optional, Tuple
+
+import torch
+
+# Floats of distance matrix held at once by the chunked search (64 MiB): memory O(chunk x K).
+SEARCH_BUDGET = 1 << 24
+
+
+def search_chunk_rows(num_subspaces: int, codebook_size: int) -> int:
+    """Rows per chunk so that one chunk's [M, rows, K] distance matrix fits ``SEARCH_BUDGET``."""
+    return max(1, SEARCH_BUDGET // (num_subspaces * codebook_size))
+
+
+def nearest_codewords(
+    x: torch.Tensor, codebooks: torch.Tensor, chunk_rows: Optional[int] = None
+) -> torch.Tensor:
+    """Index of the nearest codeword of every sub-vector, computed chunk by chunk.
+
+    Never builds an N x K matrix: memory is O(chunk_rows x M x K).
+
+    Args:
+        x (Tensor): [N, M * d] float rows.
+        codebooks (Tensor): [M, K, d] codewords.
+        chunk_rows (Optional[int]): rows per chunk; default from ``SEARCH_BUDGET``.
+
+    Returns:
+        LongTensor [N, M]: ``codes[i, m] = argmin_k ||x[i, m*d:(m+1)*d] - codebooks[m, k]||``.
+
+    Example::
+
+        >>> cb = torch.tensor([[[0.0], [1.0]], [[0.0], [10.0]]])  # M=2, K=2, d=1
+        >>> nearest_codewords(torch.tensor([[0.9, 2.0], [0.1, 9.0]]), cb).tolist()
+        [[1, 0], [0, 1]]
+    """
+    num_subspaces, codebook_size, sub_dim = codebooks.shape
+    n = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != num_subspaces * sub_dim:
+        raise ValueError(f"x must be [N, {num_subspaces * sub_dim}], got {list(x.shape)}")
+    rows = chunk_rows or search_chunk_rows(num_subspaces, codebook_size)
+    cb_t = codebooks.transpose(1, 2)  # [M, d, K]
+    cb_sq = codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
+    out = torch.empty(n, num_subspaces, dtype=torch.long)
+    for start in range(0, n, rows):
+        xs = x[start : start + rows].float().view(-1, num_subspaces, sub_dim).transpose(0, 1)
+        # ||x||^2 is the same for every codeword, so it is left out of the argmin.
+        dist = torch.baddbmm(cb_sq, xs, cb_t, alpha=-2.0)  # [M, rows, K]
+        out[start : start + rows] = dist.argmin(-1).T
+    return out
+
+
+def weighted_sample(weights: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` row indices drawn with replacement with probability proportional to ``weights``.
+
+    Unlike ``torch.multinomial`` it has no 2^24-category limit (tables have more rows), and
+    rows of weight 0 are never drawn.
+    """
+    cdf = torch.cumsum(weights.double(), 0)
+    u = torch.rand(n, generator=generator, dtype=torch.float64) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=weights.numel() - 1)
+
+
+def kmeans(
+    x: torch.Tensor,
+    codebook_size: int,
+    num_subspaces: int,
+    iters: int,
+    generator: torch.Generator,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-subspace k-means: k-means++ seeding, then ``iters`` Lloyd iterations.
+
+    Popularity weighting is done by the caller drawing ``x`` as a weighted sample (rows may
+    repeat), which makes this plain k-means a weighted one.
+
+    Args:
+        x (Tensor): [n, M * d] float32 sample rows.
+        codebook_size (int): K.
+        num_subspaces (int): M.
+        iters (int): Lloyd iterations (0: k-means++ seeding only).
+        generator (torch.Generator): source of all random draws.
+
+    Returns:
+        (codebooks [M, K, d], distortion [M]): centroids and the mean squared distance of each
+        subspace's sample sub-vectors to their nearest centroid.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pts = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+        >>> cb, _ = kmeans(pts, codebook_size=2, num_subspaces=1, iters=5, generator=g)
+        >>> sorted(round(v, 2) for v in cb[0, :, 0].tolist())
+        [0.05, 5.05]
+    """
+    n, dim = x.shape
+    sub_dim = dim // num_subspaces
+    subs = x.view(n, num_subspaces, sub_dim)
+    codebooks = torch.stack(
+        [_kmeans_pp(subs[:, m], codebook_size, generator) for m in range(num_subspaces)]
+    )
+    for _ in range(iters):
+        codes = nearest_codewords(x, codebooks)
+        for m in range(num_subspaces):
+            sums = torch.zeros(codebook_size, sub_dim).index_add_(0, codes[:, m], subs[:, m])
+            counts = torch.bincount(codes[:, m], minlength=codebook_size)
+            used = counts > 0
+            codebooks[m, used] = sums[used] / counts[used].unsqueeze(1).float()
+            empty = (~used).nonzero().squeeze(1)
+            if empty.numel():
+                pick = torch.randint(n, (empty.numel(),), generator=generator)
+                codebooks[m, empty] = subs[pick, m]
+    codes = nearest_codewords(x, codebooks)
+    recon = codebooks[torch.arange(num_subspaces), codes]  # [n, M, d]
+    distortion = (subs - recon).pow(2).sum(-1).mean(0)
+    return codebooks, distortion
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding of ``k`` centroids among the rows of ``x`` [n, d]."""
+    n = x.shape[0]
+    centers = torch.empty(k, x.shape[1])
+    first = int(torch.randint(n, (1,), generator=generator))
+    centers[0] = x[first]
+    d2 = (x - centers[0]).pow(2).sum(1)
+    for j in range(1, k):
+        total = float(d2.sum())
+        if total > 0:
+            idx = int(torch.multinomial(d2, 1, generator=generator))
+        else:  # every point already is a centroid: any point will do
+            idx = int(torch.randint(n, (1,), generator=generator))
+        centers[j] = x[idx]
+        d2 = torch.minimum(d2, (x - centers[j]).pow(2).sum(1))
+    return centers
