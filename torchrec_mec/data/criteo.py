@@ -32,7 +32,7 @@ def criteo_dense_transform(values: np.ndarray) -> np.ndarray:
 
     Example::
 
-        >>> criteo_dense_transform(np.array([-2, 0, 1, 9])).round(4).tolist()
+        >>> [round(float(v), 4) for v in criteo_dense_transform(np.array([-2, 0, 1, 9]))]
         [0.0, 0.0, 0.6931, 2.3026]
     """
     return np.log1p(np.maximum(values, 0).astype(np.float64)).astype(np.float32)

@@ -17,7 +17,11 @@ from torchrec_mec.modules.quantized_embedding_configs import (
     as_quantized_config,
     code_dtype,
 )
-from torchrec_mec.ops.reference import pq_embedding_bag
+from torchrec_mec.ops.fast_lookup import (
+    cpu_operator_available,
+    fused_pooled_lookup,
+    pq_embedding_bag_fast,
+)
 from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup
 
 
@@ -160,9 +164,11 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``EmbeddingBagCollection`` built from the same configs, so it drops into ``DLRM``,
     ``DLRM_DCN``, DeepFM or any model that takes an EBC. Tables whose config has
     ``codebook_size > 0`` hold ``codes`` and ``codebooks``; the others hold ``weight`` exactly as
-    in the EBC. On CPU all tables are looked up by one FBGEMM table-batched op whose tables are the
-    codebooks' subspaces and the full tables; gradients reach ``codebooks`` and ``weight`` through
-    autograd, so any torch optimizer trains them. Codes are a frozen buffer.
+    in the EBC. On CPU all features are pooled by one compiled operator (``torchrec_mec._C``,
+    built by the package install; without it, by one FBGEMM table-batched op whose tables are the
+    codebooks' subspaces and the full tables); on CUDA compressed tables use a Triton kernel.
+    Gradients reach ``codebooks`` and ``weight`` through autograd, so any torch optimizer trains
+    them. Codes are a frozen buffer.
 
     Args:
         tables: ``QuantizedEmbeddingBagConfig`` (or plain ``EmbeddingBagConfig``, kept full).
@@ -269,11 +275,15 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = self._in_table_order(features)
-        per_feature = self._split(features)
-        if self._lookup is not None and features.values().device.type == "cpu":
-            values = self._tbe_forward(per_feature)
+        on_cpu = features.values().device.type == "cpu"
+        if on_cpu and self._lookup is not None and cpu_operator_available():
+            values = self._fused_forward(features)
         else:
-            values = self._plain_forward(per_feature)
+            per_feature = self._split(features)
+            if on_cpu and self._lookup is not None:
+                values = self._tbe_forward(per_feature)
+            else:
+                values = self._plain_forward(per_feature)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,
@@ -391,30 +401,68 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         index = {k: i for i, k in enumerate(keys)}
         return features.permute([index[f] for f in self._feature_names])
 
-    def _split(
+    def _ids_and_weights(
         self, features: KeyedJaggedTensor
-    ) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Per feature: (ids, lengths [B], weights or None), with ids checked against the table."""
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         values = features.values()
         if values.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"feature ids must be int32 or int64, got {values.dtype}")
         weights = features.weights_or_none() if self._is_weighted else None
         if self._is_weighted and weights is None:
             raise ValueError("this collection is weighted but the KeyedJaggedTensor has no weights")
+        return values, weights
+
+    @staticmethod
+    def _check_ids(name: str, cfg: QuantizedEmbeddingBagConfig, ids: torch.Tensor) -> None:
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= cfg.num_embeddings:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"feature {name!r}: id {bad} is out of range for table {cfg.name!r} "
+                    f"with {cfg.num_embeddings} rows"
+                )
+
+    def _split(
+        self, features: KeyedJaggedTensor
+    ) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """Per feature: (ids, lengths [B], weights or None), with ids checked against the table."""
+        values, weights = self._ids_and_weights(features)
         sizes = features.length_per_key()
         ids = values.split(sizes)
         lengths = features.lengths().view(len(self._feature_names), -1)
         ws = weights.split(sizes) if weights is not None else [None] * len(ids)
         for name, cfg, v in zip(self._feature_names, self._feature_configs, ids):
-            if v.numel():
-                lo, hi = int(v.min()), int(v.max())
-                if lo < 0 or hi >= cfg.num_embeddings:
-                    bad = lo if lo < 0 else hi
-                    raise ValueError(
-                        f"feature {name!r}: id {bad} is out of range for table {cfg.name!r} "
-                        f"with {cfg.num_embeddings} rows"
-                    )
+            self._check_ids(name, cfg, v)
         return list(zip(ids, lengths, ws))
+
+    def _fused_forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """All features in one call of the compiled operator, which also checks the ids."""
+        values, weights = self._ids_and_weights(features)
+        table_index = {cfg.name: t for t, cfg in enumerate(self._embedding_bag_configs)}
+        no_codes = torch.empty(0, dtype=torch.uint8)
+        modules = [self.embedding_bags[cfg.name] for cfg in self._embedding_bag_configs]
+        offsets = features.offsets()
+        pooled, (bad_feature, bad_table) = fused_pooled_lookup(
+            values,
+            offsets,
+            weights,
+            [m.codes if isinstance(m, ProductQuantizedTable) else no_codes for m in modules],
+            [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs],
+            [table_index[cfg.name] for cfg in self._feature_configs],
+            [int(cfg.pooling == PoolingType.MEAN) for cfg in self._feature_configs],
+        )
+        if bad_feature >= 0:
+            batch = features.stride()
+            ids = values[int(offsets[bad_feature * batch]) : int(offsets[(bad_feature + 1) * batch])]
+            cfg = self._feature_configs[bad_feature]
+            self._check_ids(self._feature_names[bad_feature], cfg, ids)
+        if bad_table >= 0:
+            cfg = self._embedding_bag_configs[bad_table]
+            raise ValueError(
+                f"table {cfg.name!r}: codes hold a value >= codebook_size {cfg.codebook_size}"
+            )
+        return pooled
 
     def _tbe_forward(
         self, per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
@@ -455,7 +503,9 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             mode = pooling_type_to_str(cfg.pooling)
             module = self.embedding_bags[cfg.name]
             if isinstance(module, ProductQuantizedTable):
-                outs.append(pq_embedding_bag(module.codes, module.codebooks, ids, offsets, w, mode))
+                outs.append(
+                    pq_embedding_bag_fast(module.codes, module.codebooks, ids, offsets, w, mode)
+                )
             else:
                 outs.append(module(ids, offsets, per_sample_weights=w))
         return torch.cat(outs, dim=1)

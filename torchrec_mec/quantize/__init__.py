@@ -1,0 +1,28 @@
+"""Stage 2 of MEC: the popularity-weighted, contrastive product quantizer."""
+from torchrec_mec.quantize.config import MECConfig
+from torchrec_mec.quantize.driver import (
+    assign_tables,
+    load_quantized_table,
+    quantize_tables,
+    table_seed,
+)
+from torchrec_mec.quantize.model import MECQuantizer
+from torchrec_mec.quantize.quantize_table import (
+    QuantizeResult,
+    QuantizeStats,
+    popularity_weights,
+    quantize_table,
+)
+
+__all__ = [
+    "MECConfig",
+    "MECQuantizer",
+    "QuantizeResult",
+    "QuantizeStats",
+    "assign_tables",
+    "load_quantized_table",
+    "popularity_weights",
+    "quantize_table",
+    "quantize_tables",
+    "table_seed",
+]

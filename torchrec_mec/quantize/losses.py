@@ -27,11 +27,6 @@ def commitment_loss(
     return weighted_mean((z - q.detach()).pow(2), weights)
 
 
-def soft_assignments(dist: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``softmax(-dist / temperature)`` over codewords; ``dist`` [M, B, K], temperature [M]."""
-    return torch.softmax(-dist / temperature.view(-1, 1, 1), dim=-1)
-
-
 def usage_kl(mean_assignment: torch.Tensor) -> torch.Tensor:
     """Mean over codebooks of KL(usage || uniform) for a [M, K] usage distribution.
 
@@ -43,22 +38,25 @@ def usage_kl(mean_assignment: torch.Tensor) -> torch.Tensor:
     return (mean_assignment * (p.log() + torch.log(torch.tensor(float(k))))).sum(-1).mean()
 
 
-def usage_regularizer(
-    dist: torch.Tensor, temperature: torch.Tensor, weights: Optional[torch.Tensor] = None
+def mean_soft_assignment(
+    logits: torch.Tensor, weights: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
+    """Each codebook's (weighted) batch mean of ``softmax(logits)``: [M, B, K] -> [M, K]."""
+    p = torch.softmax(logits, dim=-1)
+    if weights is None:
+        return p.mean(1)
+    return (p * weights.view(1, -1, 1)).sum(1) / weights.sum()
+
+
+def usage_regularizer(logits: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """KL from uniform of each codebook's (weighted) batch-mean soft assignment, averaged.
 
     Args:
-        dist (Tensor): [M, B, K] squared distances of sub-vectors to codewords (with gradient).
-        temperature (Tensor): [M] soft-assignment temperature per subspace.
+        logits (Tensor): [M, B, K] soft-assignment logits ``-||z_m - C[m, k]||^2 / tau_m`` (up
+            to a per-row constant), with gradient to the encoder and the codebooks.
         weights (Optional[Tensor]): [B] row weights.
     """
-    p = soft_assignments(dist, temperature)
-    if weights is None:
-        mean = p.mean(1)
-    else:
-        mean = (p * weights.view(1, -1, 1)).sum(1) / weights.sum()
-    return usage_kl(mean)
+    return usage_kl(mean_soft_assignment(logits, weights))
 
 
 def semi_synthetic_negatives(
@@ -112,6 +110,9 @@ def contrastive_loss(
         weights (Optional[Tensor]): [B] row weights.
     """
     candidates = torch.cat([positive.unsqueeze(1), negatives], dim=1)  # [B, 1 + n, D]
-    logits = F.cosine_similarity(anchor.unsqueeze(1), candidates, dim=-1) / temperature
+    a = F.normalize(anchor, dim=-1).unsqueeze(1)  # [B, 1, D]
+    # Divide the [B, 1 + n] dot products, not the [B, 1 + n, D] candidates, by the norms.
+    norms = candidates.norm(dim=-1).clamp_min(1e-12)
+    logits = (candidates * a).sum(-1) / (norms * temperature)
     target = torch.zeros(anchor.shape[0], dtype=torch.long)
     return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weights)

@@ -1,0 +1,167 @@
+"""MEC's quantizer against faiss-cpu's ProductQuantizer (k-means PQ) on the same tables.
+
+Both run in this process on the same tables with the same M and K; the table printed has, per
+case: training + encoding time of each and their ratio, reconstruction MSE (per element) over
+all ids, the top 1% by count ("popular") and the bottom 50% ("rare"), the popularity-weighted
+MSE, and code usage (mean perplexity per codebook, dead codewords).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py                 # 1M x 64
+    PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --ablation      # + each part off
+    PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --rows 10000000 # the 10M x 64 case
+
+The synthetic table imitates a trained CTR table: ids have power-law (Zipf) counts; an id's
+row is its cluster's centre scaled by how well it was trained (log of its count) plus noise,
+so popular ids are spread out and rare ids sit near the initialisation (small, noisy).
+"""
+import argparse
+import dataclasses
+import math
+import time
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+from torchrec_mec.quantize import MECConfig, popularity_weights, quantize_table
+from torchrec_mec.quantize.quantize_table import POPULAR_FRACTION, RARE_FRACTION
+
+
+def synthetic_table(
+    rows: int, dim: int, seed: int = 0, clusters: int = 4096, zipf: float = 1.1
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight [rows, dim] float32, counts [rows] int64): clustered rows, Zipf counts."""
+    g = torch.Generator().manual_seed(seed)
+    rank = torch.randperm(rows, generator=g).double() + 1
+    counts = torch.poisson(1e7 * rank.pow(-zipf) / rank.pow(-zipf).sum() * 50, generator=g).long()
+    trained = (torch.log1p(counts.double()) / math.log1p(float(counts.max()))).float()
+    centres = torch.randn(clusters, dim, generator=g)
+    weight = torch.empty(rows, dim)
+    for start in range(0, rows, 1 << 20):  # chunked: keeps the 10M case within memory
+        end = min(rows, start + (1 << 20))
+        c = torch.randint(clusters, (end - start,), generator=g)
+        noise = torch.randn(end - start, dim, generator=g)
+        weight[start:end] = 0.05 * (trained[start:end, None] * centres[c] + 0.3 * noise)
+    return weight, counts
+
+
+def evaluate(weight: torch.Tensor, counts: torch.Tensor, decoded_fn: Callable,
+             codes: torch.Tensor, k: int) -> Dict[str, float]:
+    """The same statistics for any quantizer: ``decoded_fn(start, end)`` gives decoded rows."""
+    n = weight.shape[0]
+    err = torch.empty(n)
+    for start in range(0, n, 1 << 18):
+        end = min(n, start + (1 << 18))
+        err[start:end] = (weight[start:end] - decoded_fn(start, end)).pow(2).mean(1)
+    order = torch.argsort(counts, stable=True)
+    popular = order[n - max(1, math.ceil(POPULAR_FRACTION * n)):]
+    rare = order[: max(1, int(RARE_FRACTION * n))]
+    pop = popularity_weights(counts).double()
+    perplexity, dead = [], 0
+    for m in range(codes.shape[1]):
+        use = torch.bincount(codes[:, m].long(), minlength=k).double()
+        p = use[use > 0] / n
+        perplexity.append(float(torch.exp(-(p * p.log()).sum())))
+        dead += int((use == 0).sum())
+    return {
+        "mse": float(err.double().mean()),
+        "popular": float(err[popular].double().mean()),
+        "rare": float(err[rare].double().mean()),
+        "weighted": float((err.double() * pop).sum() / pop.sum()),
+        "perplexity": sum(perplexity) / len(perplexity),
+        "dead": dead,
+    }
+
+
+def run_faiss(weight: torch.Tensor, counts: torch.Tensor, m: int, k: int) -> Tuple[float, Dict]:
+    import faiss
+
+    x = weight.numpy()
+    started = time.perf_counter()
+    pq = faiss.ProductQuantizer(x.shape[1], m, int(math.log2(k)))
+    pq.train(x)
+    codes = pq.compute_codes(x)
+    seconds = time.perf_counter() - started
+    codes_t = torch.from_numpy(_unpack(codes, m, k))
+
+    def decoded(start: int, end: int) -> torch.Tensor:
+        return torch.from_numpy(pq.decode(codes[start:end]))
+
+    return seconds, evaluate(weight, counts, decoded, codes_t, k)
+
+
+def _unpack(codes: np.ndarray, m: int, k: int) -> np.ndarray:
+    if k == 256:
+        return codes.astype(np.int64)
+    bits = int(math.log2(k))
+    flat = np.unpackbits(codes, axis=1, bitorder="little")[:, : m * bits]
+    return (flat.reshape(-1, m, bits) << np.arange(bits)).sum(-1)
+
+
+def run_mec(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig,
+            progress: bool) -> Tuple[float, Dict, Dict]:
+    started = time.perf_counter()
+    res = quantize_table(weight, counts, config, name="bench", progress=progress)
+    seconds = time.perf_counter() - started
+    m = config.num_subspaces
+    cb = res.codebooks
+
+    def decoded(start: int, end: int) -> torch.Tensor:
+        return cb[torch.arange(m), res.codes[start:end].long()].flatten(1)
+
+    extra = {"epochs": res.stats.epochs_run, "best": res.stats.best_epoch}
+    return seconds, evaluate(weight, counts, decoded, res.codes, config.codebook_size), extra
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--cases", default="4x256,8x256", help="comma-separated MxK")
+    p.add_argument("--ablation", action="store_true", help="also run MEC with each part off")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-faiss", action="store_true")
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t = time.perf_counter()
+    weight, counts = synthetic_table(args.rows, args.dim)
+    print(f"table {args.rows:,} x {args.dim}: generated in {time.perf_counter() - t:.1f}s, "
+          f"{torch.get_num_threads()} torch threads, variance {float(weight.var()):.3e}")
+    header = (f"{'case':<28} {'time s':>8} {'x faiss':>7} {'mse':>9} {'popular':>9} "
+              f"{'rare':>9} {'weighted':>9} {'perplex':>7} {'dead':>5} {'epochs':>6}")
+    print(header)
+    print("-" * len(header))
+    for case in args.cases.split(","):
+        m, k = (int(v) for v in case.split("x"))
+        base = MECConfig(num_subspaces=m, codebook_size=k)
+        variants: List[Tuple[str, MECConfig]] = [("MEC", base)]
+        if args.ablation:
+            variants += [
+                ("  no popularity", dataclasses.replace(base, popularity_weighting=False)),
+                ("  no usage reg", dataclasses.replace(base, reg_weight=0.0)),
+                ("  usage reg x10", dataclasses.replace(base, reg_weight=base.reg_weight * 10)),
+                ("  no contrastive", dataclasses.replace(base, contrastive_weight=0.0)),
+                ("  no encoder", dataclasses.replace(base, encoder="none")),
+            ]
+        faiss_s = None
+        if not args.no_faiss:
+            faiss_s, st = run_faiss(weight, counts, m, k)
+            _row(f"M={m} K={k} faiss PQ", faiss_s, None, st, "")
+        for label, cfg in variants:
+            s, st, extra = run_mec(weight, counts, cfg, args.progress)
+            ratio = s / faiss_s if faiss_s else None
+            _row(f"M={m} K={k} {label}" if label == "MEC" else label, s, ratio, st,
+                 f"{extra['epochs']}/{extra['best']}")
+
+
+def _row(label: str, seconds: float, ratio, st: Dict, epochs: str) -> None:
+    r = f"{ratio:7.1f}" if ratio is not None else f"{'':>7}"
+    print(f"{label:<28} {seconds:8.1f} {r} {st['mse']:9.3e} {st['popular']:9.3e} "
+          f"{st['rare']:9.3e} {st['weighted']:9.3e} {st['perplexity']:7.1f} {st['dead']:5d} "
+          f"{epochs:>6}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""The fast lookup paths (compiled CPU operator, Triton kernel) against the reference paths.
+
+Every comparison is on random inputs with empty bags, and covers SUM, MEAN and per-id weights,
+uint8 and uint16 codes, int32 and int64 ids, shared tables, full tables, and both the
+register-sum shapes of the operator and its general loop.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
+from torchrec_mec.modules import ProductQuantizedTable
+from torchrec_mec.modules import quantized_embedding_bag_collection as qebc_module
+from torchrec_mec.ops import fast_lookup
+from torchrec_mec.ops.fast_lookup import cpu_operator_available, pq_embedding_bag_fast
+from torchrec_mec.ops.reference import pq_embedding_bag
+
+from tests.pooling_reference import decoded_table64, pooled_reference
+
+REPO = Path(__file__).resolve().parents[1]
+needs_operator = pytest.mark.skipif(
+    not cpu_operator_available(),
+    reason="torchrec_mec._C is not built (pip install --no-build-isolation -e .)",
+)
+
+
+def configs(pooling: PoolingType) -> List[QuantizedEmbeddingBagConfig]:
+    def cfg(name, rows, dim, features, m=1, k=0):
+        return QuantizedEmbeddingBagConfig(
+            name=name, num_embeddings=rows, embedding_dim=dim, feature_names=features,
+            num_subspaces=m, codebook_size=k, pooling=pooling,
+        )
+
+    return [
+        cfg("reg128", 400, 128, ["a", "a2"], m=8, k=256),   # register sums, shared table
+        cfg("reg16", 90, 16, ["b"], m=4, k=16),              # register sums, 4-float subspaces
+        cfg("general", 70, 10, ["c"], m=5, k=7),             # general loop (d = 2)
+        cfg("wide", 300, 6, ["d"], m=2, k=300),              # uint16 codes, general loop
+        cfg("full20", 30, 20, ["e"]),                        # full table, general loop
+        cfg("full16", 25, 16, ["g", "g2"]),                  # full table, register sums
+    ]
+
+
+def random_qebc(cfgs, weighted: bool, seed: int) -> QuantizedEmbeddingBagCollection:
+    qebc = QuantizedEmbeddingBagCollection(cfgs, is_weighted=weighted)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in qebc.embedding_bags.values():
+            if isinstance(module, ProductQuantizedTable):
+                codes = torch.randint(0, module.codebook_size, tuple(module.codes.shape), generator=gen)
+                module.codes.copy_(codes.to(module.codes.dtype))
+                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
+            else:
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
+    return qebc
+
+
+def random_kjt(cfgs, batch: int, weighted: bool, ids_dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    keys, values, lengths = [], [], []
+    for c in cfgs:
+        for f in c.feature_names:
+            lens = torch.randint(0, 7, (batch,), generator=gen)
+            lens[::5] = 0  # empty bags, also at the start of each feature
+            keys.append(f)
+            lengths.append(lens)
+            values.append(torch.randint(0, c.num_embeddings, (int(lens.sum()),), generator=gen))
+    v = torch.cat(values).to(ids_dtype)
+    w = torch.rand(v.numel(), generator=gen) + 0.5 if weighted else None
+    return KeyedJaggedTensor.from_lengths_sync(keys, v, torch.cat(lengths), weights=w)
+
+
+def params(qebc) -> Dict[str, torch.Tensor]:
+    return {name: m.codebooks if isinstance(m, ProductQuantizedTable) else m.weight
+            for name, m in qebc.embedding_bags.items()}
+
+
+def forward_and_grads(qebc, kjt, upstream):
+    for p in qebc.parameters():
+        p.grad = None
+    out = qebc(kjt).values()
+    out.backward(upstream)
+    return out.detach(), {n: p.grad.clone() for n, p in params(qebc).items()}
+
+
+def per_feature_reference(qebc, cfgs, kjt, weighted):
+    """The plain-PyTorch reference path: pq_embedding_bag / F.embedding_bag, feature by feature."""
+    jt = kjt.to_dict()
+    outs = []
+    for c in cfgs:
+        module = qebc.embedding_bags[c.name]
+        mode = "mean" if c.pooling == PoolingType.MEAN else "sum"
+        for f in c.feature_names:
+            ids = jt[f].values()
+            offsets = F.pad(jt[f].lengths().cumsum(0), (1, 0))
+            w = jt[f].weights() if weighted else None
+            if isinstance(module, ProductQuantizedTable):
+                outs.append(pq_embedding_bag(module.codes, module.codebooks, ids, offsets, w, mode))
+            else:
+                outs.append(F.embedding_bag(ids.long(), module.weight, offsets, mode=mode,
+                                            per_sample_weights=w, include_last_offset=True))
+    return torch.cat(outs, dim=1)
+
+
+@needs_operator
+@pytest.mark.parametrize("pooling,weighted,ids_dtype", [
+    (PoolingType.SUM, False, torch.int64),
+    (PoolingType.SUM, True, torch.int32),
+    (PoolingType.MEAN, False, torch.int32),
+    (PoolingType.MEAN, False, torch.int64),
+])
+def test_fused_operator_matches_reference_paths(pooling, weighted, ids_dtype, monkeypatch):
+    cfgs = configs(pooling)
+    qebc = random_qebc(cfgs, weighted, seed=1)
+    kjt = random_kjt(cfgs, batch=75, weighted=weighted, ids_dtype=ids_dtype, seed=2)
+    upstream = torch.randn(75, sum(c.embedding_dim * len(c.feature_names) for c in cfgs))
+    fused_out, fused_grads = forward_and_grads(qebc, kjt, upstream)
+    assert torch.all(fused_out[0] == 0)  # bag 0 of every feature is empty
+
+    # float64, independent of the library
+    tables = {}
+    for name, module in qebc.embedding_bags.items():
+        leaf = params(qebc)[name].detach().double().requires_grad_(True)
+        tables[name + ".param"] = leaf
+        tables[name] = decoded_table64(module.codes, leaf) if isinstance(
+            module, ProductQuantizedTable) else leaf
+    ref = pooled_reference(tables, cfgs, kjt, weighted)
+    ref.backward(upstream.double())
+    torch.testing.assert_close(fused_out.double(), ref, atol=1e-5, rtol=1e-5)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad.double(), tables[name + ".param"].grad, atol=1e-4, rtol=1e-5)
+
+    # the plain-PyTorch reference path, and the FBGEMM TBE path the module falls back to
+    plain = per_feature_reference(qebc, cfgs, kjt, weighted)
+    torch.testing.assert_close(fused_out, plain.detach(), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(qebc_module, "cpu_operator_available", lambda: False)
+    tbe_out, tbe_grads = forward_and_grads(qebc, kjt, upstream)
+    torch.testing.assert_close(fused_out, tbe_out, atol=1e-5, rtol=1e-5)
+    for name, grad in fused_grads.items():
+        torch.testing.assert_close(grad, tbe_grads[name], atol=1e-4, rtol=1e-5)
+
+
+@needs_operator
+def test_forward_without_grad_matches():
+    cfgs = configs(PoolingType.SUM)
+    qebc = random_qebc(cfgs, False, seed=3)
+    kjt = random_kjt(cfgs, batch=40, weighted=False, ids_dtype=torch.int64, seed=4)
+    with torch.no_grad():
+        out = qebc(kjt).values()
+    torch.testing.assert_close(out, qebc(kjt).values().detach(), atol=0, rtol=0)
+
+
+@needs_operator
+@pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64])
+def test_first_feature_with_a_bad_id_is_named(ids_dtype):
+    cfgs = configs(PoolingType.SUM)
+    qebc = random_qebc(cfgs, False, seed=5)
+    keys = [f for c in cfgs for f in c.feature_names]
+    values = torch.zeros(len(keys), dtype=ids_dtype)
+    values[keys.index("c")] = 70   # "general" has 70 rows
+    values[keys.index("g2")] = -3
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys, values, torch.ones(len(keys), dtype=torch.long))
+    with pytest.raises(ValueError, match=r"feature 'c': id 70 is out of range for table 'general'"):
+        qebc(kjt)
+
+
+@needs_operator
+def test_codes_outside_the_codebooks_name_the_table():
+    cfgs = configs(PoolingType.SUM)
+    qebc = random_qebc(cfgs, False, seed=6)
+    qebc.embedding_bags["wide"].codes[3, 1] = 300  # K = 300: a uint16 holds it, the table does not
+    kjt = random_kjt(cfgs, batch=30, weighted=False, ids_dtype=torch.int64, seed=7)
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        kjt.keys(), torch.full_like(kjt.values(), 3), kjt.lengths())
+    with pytest.raises(ValueError, match=r"table 'wide': codes hold a value >= codebook_size 300"):
+        qebc(kjt)
+
+
+@needs_operator
+@pytest.mark.parametrize("codes_dtype,k", [(torch.uint8, 256), (torch.uint8, 5), (torch.uint16, 1000)])
+@pytest.mark.parametrize("mode,weighted", [("sum", False), ("sum", True), ("mean", False)])
+def test_pq_embedding_bag_fast_matches_reference(codes_dtype, k, mode, weighted):
+    gen = torch.Generator().manual_seed(k)
+    n, m, d, batch = 500, 8, 4, 60
+    codes = torch.randint(0, k, (n, m), generator=gen).to(codes_dtype)
+    books = torch.randn(m, k, d, generator=gen, requires_grad=True)
+    lengths = torch.randint(0, 9, (batch,), generator=gen)
+    lengths[:3] = 0
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    ids = torch.randint(0, n, (int(lengths.sum()),), generator=gen)
+    w = torch.rand(ids.numel(), generator=gen) if weighted else None
+    upstream = torch.randn(batch, m * d, generator=gen)
+    fast = pq_embedding_bag_fast(codes, books, ids, offsets, w, mode)
+    (fast_grad,) = torch.autograd.grad(fast, books, upstream)
+    ref = pq_embedding_bag(codes, books, ids, offsets, w, mode)
+    (ref_grad,) = torch.autograd.grad(ref, books, upstream)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="ids must be in"):
+        pq_embedding_bag_fast(codes, books, torch.tensor([n]), torch.tensor([0, 1]))
+
+
+def test_missing_operator_falls_back_with_one_warning(monkeypatch):
+    cfgs = configs(PoolingType.SUM)
+    qebc = random_qebc(cfgs, False, seed=8)
+    kjt = random_kjt(cfgs, batch=20, weighted=False, ids_dtype=torch.int64, seed=9)
+    expected = per_feature_reference(qebc, cfgs, kjt, False).detach()
+    monkeypatch.setattr(fast_lookup, "_CPU_OPERATOR_ERROR", "No module named 'torchrec_mec._C'")
+    monkeypatch.setattr(fast_lookup, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="compiled CPU lookup operator .* not available"):
+        first = qebc(kjt).values()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = qebc(kjt).values()
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=1e-5)
+
+
+TRITON_CHECK = textwrap.dedent("""
+    import torch
+    from torchrec_mec.ops.triton_lookup import pq_embedding_bag_triton
+
+    def reference64(codes, books, ids, offsets, weights, mode):
+        table = torch.cat([books[m][codes[:, m].long()] for m in range(books.shape[0])], dim=1)
+        out = []
+        for b in range(offsets.numel() - 1):
+            lo, hi = int(offsets[b]), int(offsets[b + 1])
+            rows = table[ids[lo:hi].long()]
+            if weights is not None:
+                rows = rows * weights[lo:hi, None].double()
+            acc = rows.sum(0)
+            out.append(acc / max(hi - lo, 1) if mode == "mean" else acc)
+        return torch.stack(out)
+
+    gen = torch.Generator().manual_seed(0)
+    for codes_dtype, k, m, d in [(torch.uint8, 256, 8, 16), (torch.uint16, 300, 3, 4),
+                                 (torch.uint8, 7, 5, 2)]:
+        for mode, weighted in [("sum", False), ("sum", True), ("mean", False)]:
+            n, batch = 200, 37
+            codes = torch.randint(0, k, (n, m), generator=gen).to(codes_dtype)
+            books = torch.randn(m, k, d, generator=gen, requires_grad=True)
+            lengths = torch.randint(0, 6, (batch,), generator=gen)
+            lengths[::4] = 0
+            offsets = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+            ids = torch.randint(0, n, (int(lengths.sum()),), generator=gen).int()
+            w = torch.rand(ids.numel(), generator=gen) if weighted else None
+            upstream = torch.randn(batch, m * d, generator=gen)
+            out = pq_embedding_bag_triton(codes, books, ids, offsets, w, mode)
+            (grad,) = torch.autograd.grad(out, books, upstream)
+            books64 = books.detach().double().requires_grad_(True)
+            ref = reference64(codes, books64, ids, offsets, w, mode)
+            ref.backward(upstream.double())
+            torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(grad.double(), books64.grad, atol=1e-5, rtol=1e-5)
+    print("triton interpreter: all cases match")
+""")
+
+
+def test_triton_kernel_matches_float64_in_interpreter():
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    # TRITON_INTERPRET must be set before the kernels are defined, hence a fresh interpreter.
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    run = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "all cases match" in run.stdout

@@ -1,0 +1,251 @@
+"""The MEC quantizer (stage 2) on small tables, against independent references."""
+import math
+
+import pytest
+import torch
+
+from torchrec_mec.modules.quantized_embedding_configs import code_dtype
+from torchrec_mec.quantize import MECConfig, MECQuantizer, popularity_weights, quantize_table
+from torchrec_mec.quantize.kmeans import nearest_codewords, weighted_sample
+from torchrec_mec.quantize.losses import (
+    contrastive_loss,
+    semi_synthetic_negatives,
+    usage_regularizer,
+)
+
+# Small and fast: a few thousand rows, a few hundred optimizer steps at most.
+SMALL = dict(num_subspaces=2, codebook_size=16, epochs=4, samples_per_epoch=4096,
+             batch_size=1024, holdout_rows=512)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Results are deterministic for a given thread count; pin it (and share the machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def planted_table(seed: int, n: int, m: int, k: int, d: int, sigma: float):
+    """Rows made of known codewords (M codebooks, well separated) plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    codebooks = torch.randn(m, k, d, generator=g)
+    codes = torch.randint(k, (n, m), generator=g)
+    rows = codebooks[torch.arange(m), codes].flatten(1) + sigma * torch.randn(n, m * d, generator=g)
+    counts = torch.randint(0, 1000, (n,), generator=g)
+    return rows, counts, codebooks, codes
+
+
+def gaussian_table(seed: int, n: int = 3000, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, 500, (n,), generator=g)
+
+
+def same_result(a, b) -> bool:
+    sa, sb = a.stats.to_dict(), b.stats.to_dict()
+    sa.pop("seconds"), sb.pop("seconds")
+    sa.pop("resumed_from_epoch"), sb.pop("resumed_from_epoch")
+    return torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks) and sa == sb
+
+
+def test_nearest_codewords_matches_float64_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 12, generator=g)
+    codebooks = torch.randn(3, 37, 4, generator=g)
+    codes = nearest_codewords(x, codebooks, chunk_rows=7)  # many chunks, a ragged last one
+    subs = x.double().view(-1, 3, 4)
+    dist = ((subs.unsqueeze(2) - codebooks.double().unsqueeze(0)) ** 2).sum(-1)  # [N, M, K]
+    best = dist.min(-1).values
+    chosen = dist.gather(2, codes.unsqueeze(2)).squeeze(2)
+    assert codes.shape == (1000, 3) and int(codes.min()) >= 0 and int(codes.max()) < 37
+    # float32 may flip exact near-ties; the chosen codeword must still be (near) nearest.
+    assert torch.allclose(chosen, best, rtol=1e-5, atol=1e-5)
+    assert (codes == dist.argmin(-1)).float().mean() > 0.99
+
+
+def test_weighted_sample_follows_weights_and_never_draws_zero_weight():
+    g = torch.Generator().manual_seed(0)
+    w = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    draws = weighted_sample(w, 40_000, g)
+    freq = torch.bincount(draws, minlength=4).double() / draws.numel()
+    assert freq[0] == 0 and freq[3] == 0
+    assert abs(freq[2] - 0.75) < 0.01
+
+
+def test_popularity_weights_are_floor_log2_at_least_one():
+    counts = torch.tensor([0, 1, 2, 3, 4, 7, 8, 1023, 1024, 10**9])
+    want = [max(1, math.floor(math.log2(c))) if c > 0 else 1 for c in counts.tolist()]
+    assert popularity_weights(counts).tolist() == want
+
+
+def test_negatives_differ_from_positive_in_exactly_one_code_per_sample():
+    g = torch.Generator().manual_seed(0)
+    k = 8
+    codes = torch.randint(k, (2000, 4), generator=g)
+    neg = semi_synthetic_negatives(codes, k, num_negatives=3, generator=g)
+    assert neg.shape == (2000, 3, 4)
+    differs = neg != codes.unsqueeze(1)
+    assert (differs.sum(-1) == 1).all()
+    assert int(neg.min()) >= 0 and int(neg.max()) < k
+    # Per sample, not per batch: subspace and replacement vary across samples and negatives.
+    which = differs.float().argmax(-1)
+    assert set(which.flatten().tolist()) == {0, 1, 2, 3}
+    shift = (neg - codes.unsqueeze(1)).sum(-1) % k
+    assert set(shift.flatten().tolist()) == set(range(1, k))
+
+
+def test_usage_regularizer_is_kl_from_uniform_with_gradient():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, 6, generator=g, requires_grad=True)
+    reg = usage_regularizer(logits)
+    p = torch.softmax(logits.detach().double(), -1).mean(1)
+    want = (p * (p * 6).log()).sum(-1).mean()
+    assert torch.allclose(reg.double(), want, atol=1e-6)
+    reg.backward()
+    assert logits.grad.abs().sum() > 0  # unlike a perplexity of hard one-hot codes
+    uniform = torch.zeros(2, 50, 6)
+    assert abs(float(usage_regularizer(uniform))) < 1e-6
+
+
+def test_contrastive_loss_matches_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    anchor, pos = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    negs, w = torch.randn(5, 3, 6, generator=g), torch.rand(5, generator=g)
+    got = contrastive_loss(anchor, pos, negs, temperature=0.2, weights=w)
+    total = 0.0
+    for i in range(5):
+        cands = [pos[i]] + [negs[i, j] for j in range(3)]
+        sims = [float(torch.dot(anchor[i].double(), c.double())
+                      / (anchor[i].double().norm() * c.double().norm())) / 0.2 for c in cands]
+        total += float(w[i]) * (math.log(sum(math.exp(s) for s in sims)) - sims[0])
+    assert abs(float(got) - total / float(w.sum())) < 1e-5
+
+
+def test_deterministic_for_a_seed():
+    weight, counts = gaussian_table(0)
+    a = quantize_table(weight, counts, MECConfig(**SMALL, seed=3), progress=False)
+    b = quantize_table(weight, counts, MECConfig(**SMALL, seed=3), progress=False)
+    c = quantize_table(weight, counts, MECConfig(**SMALL, seed=4), progress=False)
+    assert same_result(a, b)
+    assert not torch.equal(a.codebooks, c.codebooks)
+
+
+@pytest.mark.parametrize("k", [16, 300])
+def test_codes_in_range_and_packed(k):
+    weight, counts = gaussian_table(1, n=1200)
+    cfg = MECConfig(**{**SMALL, "codebook_size": k, "epochs": 1})
+    res = quantize_table(weight, counts, cfg, progress=False)
+    assert res.codes.dtype == code_dtype(k) == (torch.uint8 if k <= 256 else torch.uint16)
+    assert res.codes.shape == (1200, 2) and int(res.codes.long().max()) < k
+    assert res.codebooks.shape == (2, k, 4) and res.codebooks.dtype == torch.float32
+    # Codebooks live in the table's space: the decoded rows are the reported error.
+    decoded = res.codebooks[torch.arange(2), res.codes.long()].flatten(1)
+    assert math.isclose(float(((weight - decoded) ** 2).mean()), res.stats.mse, rel_tol=1e-4)
+    usage = torch.bincount(res.codes[:, 0].long(), minlength=k).double() / 1200
+    nz = usage[usage > 0]
+    assert math.isclose(res.stats.perplexity[0], float(torch.exp(-(nz * nz.log()).sum())),
+                        rel_tol=1e-6)
+    assert res.stats.dead_codewords[0] == int((usage == 0).sum())
+
+
+def test_planted_codebook_is_recovered_to_the_noise_floor():
+    sigma = 0.01
+    rows, counts, planted, planted_codes = planted_table(0, n=4000, m=4, k=16, d=4, sigma=sigma)
+    cfg = MECConfig(**{**SMALL, "num_subspaces": 4})
+    res = quantize_table(rows, counts, cfg, progress=False)
+    assert res.stats.mse < 1.2 * sigma**2  # the noise floor is sigma^2 per element
+    # Every planted codeword has a learned one within a few noise standard deviations ...
+    gap = torch.cdist(planted, res.codebooks).min(-1).values
+    assert float(gap.max()) < 5 * sigma
+    # ... and the learned codes are the planted ones up to a relabelling per codebook.
+    for m in range(4):
+        pairs = set(zip(planted_codes[:, m].tolist(), res.codes[:, m].long().tolist()))
+        assert len(pairs) == 16
+
+
+def test_popularity_weighting_lowers_error_of_popular_ids():
+    weight, _ = gaussian_table(2, n=6000)
+    counts = torch.ones(6000, dtype=torch.long)
+    popular = torch.randperm(6000, generator=torch.Generator().manual_seed(123))[:60]
+    counts[popular] = 2**16
+    on = quantize_table(weight, counts, MECConfig(**SMALL), progress=False)
+    off = quantize_table(weight, counts, MECConfig(**SMALL, popularity_weighting=False),
+                         progress=False)
+    assert on.stats.mse_popular < 0.9 * off.stats.mse_popular
+    assert on.stats.weighted_mse < off.stats.weighted_mse
+
+
+def test_usage_regularizer_raises_perplexity():
+    g = torch.Generator().manual_seed(2)
+    # Heavy-tailed rows: k-means spends codewords on rarely used tails (low perplexity).
+    weight = torch.randn(6000, 8, generator=g) * torch.exp(torch.randn(6000, 1, generator=g))
+    counts = torch.randint(0, 100, (6000,), generator=g)
+    base = {**SMALL, "epochs": 8, "lr": 1e-2, "contrastive_weight": 0.0,
+            "early_stopping_patience": 0}
+    off = quantize_table(weight, counts, MECConfig(**base, reg_weight=0.0), progress=False)
+    on = quantize_table(weight, counts, MECConfig(**base, reg_weight=1.0), progress=False)
+    assert min(on.stats.perplexity) > 1.1 * max(off.stats.perplexity)
+
+
+def test_every_part_can_be_switched_off():
+    weight, counts = gaussian_table(3, n=1000)
+    cfg = MECConfig(**SMALL, encoder="none", popularity_weighting=False, reg_weight=0.0,
+                    contrastive_weight=0.0, reseed_dead=False, kmeans_init=False,
+                    early_stopping_patience=0)
+    res = quantize_table(weight, counts, cfg, progress=False)
+    assert res.stats.epochs_run == SMALL["epochs"] and res.stats.heldout_loss == []
+    assert res.stats.relative_mse < 1.0
+
+
+def test_early_stopping_keeps_the_best_heldout_state():
+    weight, counts = gaussian_table(4)
+    # A huge learning rate wrecks the codebooks: the k-means start (epoch 0) must be kept.
+    cfg = MECConfig(**{**SMALL, "epochs": 20, "lr": 50.0}, early_stopping_patience=2)
+    res = quantize_table(weight, counts, cfg, progress=False)
+    assert res.stats.best_epoch == 0 and res.stats.epochs_run == 2
+    assert len(res.stats.heldout_loss) == 3
+    assert res.stats.heldout_loss[0] == min(res.stats.heldout_loss)
+
+
+def test_dead_codewords_are_reseeded():
+    weight, counts = gaussian_table(5, n=2000)
+    g = torch.Generator().manual_seed(0)
+    mq = MECQuantizer(8, 2, 16, encoder="none", generator=g)
+    mq.init_from_sample(weight, kmeans_iters=5, generator=g)
+    with torch.no_grad():
+        mq.codebooks[0, 3] = 1e3  # far from every row: nobody picks it
+    from torchrec_mec.quantize.quantize_table import _train_epoch
+
+    opt = torch.optim.Adam(mq.parameters(), lr=1e-3)
+    for reseed in (False, True):
+        cfg = MECConfig(**SMALL, reseed_dead=reseed)
+        _train_epoch(mq, opt, weight, torch.ones(2000), cfg, g)
+        far = float(mq.codebooks[0, 3].abs().max())
+        assert (far > 100) == (not reseed)
+    assert int(torch.bincount(mq.compute_codes(weight)[:, 0], minlength=16)[3]) > 0
+
+
+@pytest.mark.parametrize(
+    "weight, counts, cfg, match",
+    [
+        (torch.zeros(100, 8, dtype=torch.long), torch.ones(100), {}, "2-D float"),
+        (torch.zeros(100), torch.ones(100), {}, "2-D float"),
+        (torch.zeros(100, 8), torch.ones(99), {}, "length N=100"),
+        (torch.zeros(100, 8), -torch.ones(100), {}, ">= 0"),
+        (torch.zeros(100, 9), torch.ones(100), {}, "not divisible"),
+        (torch.zeros(10, 8), torch.ones(10), {}, "exceeds the number of rows"),
+        (torch.full((100, 8), float("nan")), torch.ones(100), {}, "NaN"),
+    ],
+)
+def test_bad_input_names_the_table(weight, counts, cfg, match):
+    with pytest.raises(ValueError, match=f"table 'user_id'.*{match}"):
+        quantize_table(weight, counts, MECConfig(**{**SMALL, **cfg}), name="user_id",
+                       progress=False)
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="codebook_size"):
+        MECConfig(codebook_size=1)
+    with pytest.raises(ValueError, match="encoder"):
+        MECConfig(encoder="transformer")

@@ -1,0 +1,498 @@
+"""ShardedQuantizedEmbeddingBagCollection and its TorchRec sharder.
+
+The sharded module is a thin layer over TorchRec: per sharding type it builds TorchRec's own
+``EmbeddingSharding`` (the one ``ShardedEmbeddingBagCollection`` uses), takes its input dist (KJT
+all-to-all, row bucketization) and output dist (pooled all-to-all, reduce-scatter), and replaces
+only the lookup with a local QEBC over the rank's shards (``QuantizedShardsLookup``).
+"""
+from collections import OrderedDict
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
+
+import torch
+from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, TensorProperties
+from torch.nn.modules.module import _IncompatibleKeys
+from torch.nn.parallel import DistributedDataParallel
+from torchrec.distributed.embedding_sharding import (
+    EmbeddingSharding,
+    EmbeddingShardingContext,
+    EmbeddingShardingInfo,
+    KJTListSplitsAwaitable,
+)
+from torchrec.distributed.embedding_types import (
+    BaseEmbeddingSharder,
+    EmbeddingComputeKernel,
+    KJTList,
+    ShardedEmbeddingModule,
+)
+from torchrec.distributed.embeddingbag import (
+    EmbeddingBagCollectionAwaitable,
+    EmbeddingBagCollectionContext,
+    ShardedEmbeddingBagCollection,
+)
+from torchrec.distributed.utils import none_throws
+from torchrec.distributed.types import (
+    Awaitable,
+    EmbeddingModuleShardingPlan,
+    LazyAwaitable,
+    ParameterSharding,
+    QuantizedCommCodecs,
+    ShardedTensor,
+    ShardedTensorMetadata,
+    ShardingEnv,
+    ShardingType,
+    ShardMetadata,
+)
+from torchrec.modules.embedding_configs import EmbeddingTableConfig, PoolingType
+from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from torchrec_mec.distributed.embedding_lookup import LocalShard, QuantizedShardsLookup
+from torchrec_mec.distributed.fused_optimizer import InBackwardOptimizer, fused_optimizer_spec
+from torchrec_mec.distributed.planner import shardable_tables
+from torchrec_mec.modules.quantized_embedding_bag_collection import (
+    ProductQuantizedTable,
+    QuantizedEmbeddingBagCollection,
+)
+from torchrec_mec.modules.quantized_embedding_configs import QuantizedEmbeddingBagConfig
+
+SHARDING_TYPES: List[str] = [
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+    ShardingType.ROW_WISE.value,
+    ShardingType.COLUMN_WISE.value,
+]
+
+
+class ShardedQuantizedEmbeddingBagCollection(
+    ShardedEmbeddingModule[KJTList, List[torch.Tensor], KeyedTensor, EmbeddingBagCollectionContext],
+    FusedOptimizerModule,
+):
+    """A ``QuantizedEmbeddingBagCollection`` sharded across ranks; built by
+    :class:`QuantizedEmbeddingBagCollectionSharder` (through ``DistributedModelParallel``).
+
+    Per table, as its ``ParameterSharding`` says:
+
+    - ``data_parallel``: a full replica per rank; gradients averaged by DDP, like TorchRec's
+      data-parallel tables (train them with the dense optimizer).
+    - ``table_wise``: codes and codebooks (or weight) on one rank.
+    - ``row_wise``: rows split into ranges; each rank holds its codes rows and a replica of the
+      codebooks, pools its partial sums, the output dist reduces them, and the codebook gradient is
+      summed over ranks in backward. A full table keeps its weight rows, as in TorchRec.
+    - ``column_wise``: subspaces split across ranks (codes columns and their codebooks); a full
+      table splits its weight columns. Boundaries must fall on multiples of ``D / M``.
+
+    Gradients of model-parallel shards are divided by the world size as in TorchRec
+    (``GRADIENT_DIVISION``), so with a per-rank mean loss they equal the unsharded module's
+    gradients for the mean loss over the global batch. ``state_dict()`` has the unsharded keys
+    (``embedding_bags.<t>.codes`` / ``.codebooks`` / ``.weight``): ``ShardedTensor`` for sharded
+    tables, plain tensors for replicated ones (data-parallel tables, row-wise codebooks).
+
+    Args:
+        module: the unsharded QEBC (on ``meta`` to allocate shards without copying values).
+        table_name_to_parameter_sharding: the module's plan, per table.
+        env: the sharding environment (process group).
+        fused_params: the sharder's ``fused_params``; an ``"optimizer"`` there is applied in
+            backward (see ``fused_optimizer.py``).
+        device: where the shards live.
+        qcomm_codecs_registry: quantized communication codecs for TorchRec's dists.
+
+    Example: see :class:`QuantizedEmbeddingBagCollectionSharder`.
+    """
+
+    def __init__(
+        self,
+        module: QuantizedEmbeddingBagCollection,
+        table_name_to_parameter_sharding: Mapping[str, ParameterSharding],
+        env: ShardingEnv,
+        fused_params: Optional[Dict[str, Any]] = None,
+        device: Optional[torch.device] = None,
+        qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+    ) -> None:
+        super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self._env = env
+        self._device = device
+        self._is_weighted = module.is_weighted()
+        self._configs: Dict[str, QuantizedEmbeddingBagConfig] = {
+            cfg.name: cfg for cfg in module.embedding_bag_configs()  # type: ignore[misc]
+        }
+        self.module_sharding_plan = EmbeddingModuleShardingPlan(
+            {name: table_name_to_parameter_sharding[name] for name in self._configs}
+        )
+        infos = self._sharding_infos(module, fused_params)
+        self._sharding_types: List[str] = list(infos)
+        self._embedding_shardings: List[EmbeddingSharding] = [
+            ShardedEmbeddingBagCollection.create_embedding_bag_sharding(
+                infos[st], env, device, permute_embeddings=True,
+                qcomm_codecs_registry=self.qcomm_codecs_registry,
+            )
+            for st in self._sharding_types
+        ]
+        self._lookups = nn.ModuleList(
+            [self._create_lookup(st, s, module) for st, s in zip(self._sharding_types, self._embedding_shardings)]
+        )
+        self._input_dists = nn.ModuleList([s.create_input_dist() for s in self._embedding_shardings])
+        self._output_dists = nn.ModuleList(
+            [s.create_output_dist(device=device) for s in self._embedding_shardings]
+        )
+        self._feature_splits = [len(s.feature_names()) for s in self._embedding_shardings]
+        self._feature_names = [f for s in self._embedding_shardings for f in s.feature_names()]
+        self._embedding_names = [n for s in self._embedding_shardings for n in s.embedding_names()]
+        self._embedding_dims = [d for s in self._embedding_shardings for d in s.embedding_dims()]
+        self._features_order: Optional[List[int]] = None
+        self._input_keys: Optional[List[str]] = None
+        self._optim = self._create_fused_optimizer(module, fused_params)
+
+    # -- construction ----------------------------------------------------------------------
+    def _sharding_infos(
+        self, module: QuantizedEmbeddingBagCollection, fused_params: Optional[Dict[str, Any]]
+    ) -> Dict[str, List[EmbeddingShardingInfo]]:
+        tensors = shardable_tables(module)
+        infos: Dict[str, List[EmbeddingShardingInfo]] = {}
+        for name, cfg in self._configs.items():
+            ps = self.module_sharding_plan[name]
+            if ps.sharding_type not in SHARDING_TYPES:
+                raise ValueError(
+                    f"table {name!r}: sharding type {ps.sharding_type!r} is not supported for a "
+                    f"QuantizedEmbeddingBagCollection (supported: {SHARDING_TYPES})"
+                )
+            infos.setdefault(ps.sharding_type, []).append(
+                EmbeddingShardingInfo(
+                    embedding_config=EmbeddingTableConfig(
+                        num_embeddings=cfg.num_embeddings,
+                        embedding_dim=cfg.embedding_dim,
+                        name=name,
+                        data_type=cfg.data_type,
+                        feature_names=list(cfg.feature_names),
+                        pooling=cfg.pooling,
+                        is_weighted=self._is_weighted,
+                        has_feature_processor=False,
+                        embedding_names=list(cfg.feature_names),
+                    ),
+                    param_sharding=ps,
+                    param=tensors[name],
+                    fused_params=dict(fused_params or {}),
+                )
+            )
+        return infos
+
+    def _create_lookup(
+        self, sharding_type: str, sharding: EmbeddingSharding, module: QuantizedEmbeddingBagCollection
+    ) -> nn.Module:
+        row_wise = sharding_type == ShardingType.ROW_WISE.value
+        lookup = QuantizedShardsLookup(
+            sharding._grouped_embedding_configs,  # type: ignore[attr-defined]
+            module,
+            self._device,
+            pool_mean_as_sum=row_wise,
+            sum_codebook_gradients_over=self._env.process_group if row_wise else None,
+        )
+        if sharding_type != ShardingType.DATA_PARALLEL.value:
+            return lookup
+        # As TorchRec does for its data-parallel tables. Codes are identical on every rank and
+        # frozen: no buffer broadcast per step.
+        return DistributedDataParallel(
+            lookup,
+            process_group=self._env.process_group,
+            gradient_as_bucket_view=True,
+            broadcast_buffers=False,
+            static_graph=True,
+        )
+
+    def _create_fused_optimizer(
+        self, module: QuantizedEmbeddingBagCollection, fused_params: Optional[Dict[str, Any]]
+    ) -> KeyedOptimizer:
+        optims: List[Tuple[str, KeyedOptimizer]] = []
+        for st, lookup in zip(self._sharding_types, self._lookups):
+            if st == ShardingType.DATA_PARALLEL.value:
+                continue
+            for shard in lookup.shards:
+                source = module.embedding_bags[shard.table]
+                param_name = "codebooks" if isinstance(source, ProductQuantizedTable) else "weight"
+                spec = fused_optimizer_spec(getattr(source, param_name), fused_params)
+                if spec is None:
+                    continue
+                param = lookup.local_tensors(shard)[param_name]
+                key = f"embedding_bags.{shard.local_name}.{param_name}"
+                optims.append(("", InBackwardOptimizer({key: param}, *spec)))
+        return CombinedOptimizer(optims) if optims else EmptyFusedOptimizer()
+
+    # -- ShardedModule ---------------------------------------------------------------------
+    def create_context(self) -> EmbeddingBagCollectionContext:
+        return EmbeddingBagCollectionContext()
+
+    def input_dist(
+        self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
+    ) -> Awaitable[Awaitable[KJTList]]:
+        if features.keys() != self._input_keys:
+            self._set_features_order(features.keys())
+        with torch.no_grad():
+            if self._features_order is not None:
+                features = features.permute(self._features_order)
+            splits = features.split(self._feature_splits)
+            ctx.divisor = self._mean_divisor(splits)
+            awaitables = []
+            for dist, split in zip(self._input_dists, splits):
+                awaitables.append(dist(split))
+                ctx.sharding_contexts.append(
+                    EmbeddingShardingContext(
+                        batch_size_per_feature_pre_a2a=split.stride_per_key(),
+                        variable_batch_per_feature=split.variable_stride_per_key(),
+                    )
+                )
+            return KJTListSplitsAwaitable(awaitables, ctx)
+
+    def compute(self, ctx: EmbeddingBagCollectionContext, dist_input: KJTList) -> List[torch.Tensor]:
+        return [lookup(features) for lookup, features in zip(self._lookups, dist_input)]
+
+    def output_dist(
+        self, ctx: EmbeddingBagCollectionContext, output: List[torch.Tensor]
+    ) -> LazyAwaitable[KeyedTensor]:
+        awaitables = []
+        for st, dist, sctx, embeddings in zip(
+            self._sharding_types, self._output_dists, ctx.sharding_contexts, output
+        ):
+            awaitable = dist(embeddings, sctx)
+            if st == ShardingType.ROW_WISE.value and ctx.divisor is not None:
+                divisor = ctx.divisor
+                awaitable.callbacks.append(lambda pooled: pooled / divisor)
+            awaitables.append(awaitable)
+        return EmbeddingBagCollectionAwaitable(
+            awaitables=awaitables,
+            embedding_dims=self._embedding_dims,
+            embedding_names=self._embedding_names,
+        )
+
+    def _set_features_order(self, keys: List[str]) -> None:
+        missing = [f for f in self._feature_names if f not in keys]
+        unknown = [k for k in keys if k not in self._feature_names]
+        if missing or unknown:
+            raise ValueError(
+                f"KeyedJaggedTensor keys do not match the collection's features: missing "
+                f"{missing}, unknown {unknown}"
+            )
+        order = [keys.index(f) for f in self._feature_names]
+        self._features_order = None if order == list(range(len(keys))) else order
+        self._input_keys = list(keys)
+
+    def _mean_divisor(self, splits: List[KeyedJaggedTensor]) -> Optional[torch.Tensor]:
+        """Row-wise shards pool MEAN tables as partial sums: [B, dims] bag lengths to divide by."""
+        if ShardingType.ROW_WISE.value not in self._sharding_types:
+            return None
+        i = self._sharding_types.index(ShardingType.ROW_WISE.value)
+        features = splits[i]
+        names = self._embedding_shardings[i].feature_names()
+        is_mean = torch.tensor(
+            [self._feature_config(f).pooling == PoolingType.MEAN for f in names]
+        )
+        if not bool(is_mean.any()):
+            return None
+        lengths = features.lengths().view(len(names), -1).to(torch.float32)
+        lengths = torch.where(is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
+        dims = torch.tensor(self._embedding_shardings[i].embedding_dims())
+        return torch.repeat_interleave(lengths.t(), dims, dim=1)
+
+    def _feature_config(self, feature: str) -> QuantizedEmbeddingBagConfig:
+        return next(c for c in self._configs.values() if feature in c.feature_names)
+
+    @property
+    def fused_optimizer(self) -> KeyedOptimizer:
+        return self._optim
+
+    @property
+    def unsharded_module_type(self) -> Type[QuantizedEmbeddingBagCollection]:
+        return QuantizedEmbeddingBagCollection
+
+    # -- state: the unsharded keys ---------------------------------------------------------
+    def _local_parts(self, table: str) -> List[Tuple[LocalShard, Dict[str, torch.Tensor]]]:
+        parts = []
+        for lookup in self._lookups:
+            inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
+            parts += [(s, inner.local_tensors(s)) for s in inner.shards if s.table == table]
+        return parts
+
+    def _global_shards(self, table: str, key: str) -> Optional[List[ShardMetadata]]:
+        """The shards of ``embedding_bags.<table>.<key>`` over all ranks; ``None`` if replicated."""
+        cfg, ps = self._configs[table], self.module_sharding_plan[table]
+        if ps.sharding_type == ShardingType.DATA_PARALLEL.value or (
+            ps.sharding_type == ShardingType.ROW_WISE.value and key == "codebooks"
+        ):
+            return None
+        return [_key_metadata(cfg, key, m) for m in ps.sharding_spec.shards]  # type: ignore[union-attr]
+
+    def state_dict(  # type: ignore[override]
+        self,
+        destination: Optional[Dict[str, Any]] = None,
+        prefix: str = "",
+        keep_vars: bool = False,
+    ) -> Dict[str, Any]:
+        if destination is None:
+            destination = OrderedDict()
+        for table, cfg in self._configs.items():
+            parts = self._local_parts(table)
+            for key in _state_keys(cfg):
+                shards = self._global_shards(table, key)
+                tensors = [t[key] if keep_vars else t[key].detach() for _, t in parts]
+                if shards is None:
+                    destination[f"{prefix}embedding_bags.{table}.{key}"] = tensors[0]
+                    continue
+                local = [
+                    Shard(tensor, _key_metadata(cfg, key, none_throws(shard.metadata)))
+                    for (shard, _), tensor in zip(parts, tensors)
+                ]
+                metadata = ShardedTensorMetadata(
+                    shards_metadata=shards,
+                    size=_global_size(cfg, key),
+                    tensor_properties=TensorProperties(dtype=_key_dtype(cfg, key)),
+                )
+                destination[f"{prefix}embedding_bags.{table}.{key}"] = (
+                    ShardedTensor._init_from_local_shards_and_global_metadata(
+                        local, metadata, process_group=self._env.process_group
+                    )
+                )
+        return destination
+
+    @torch.no_grad()
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Loads the unsharded keys from ``ShardedTensor``s laid out as this module's own
+        ``state_dict()`` (use ``torch.distributed.checkpoint`` to reshard), or from plain tensors
+        of the full table (e.g. an unsharded QEBC's ``state_dict()``)."""
+        expected = {
+            f"embedding_bags.{t}.{k}": (t, k) for t, cfg in self._configs.items() for k in _state_keys(cfg)
+        }
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and (missing or unexpected):
+            raise RuntimeError(
+                f"Error loading state_dict: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        for name, (table, key) in expected.items():
+            if name not in state_dict:
+                continue
+            value, cfg = state_dict[name], self._configs[table]
+            for shard, tensors in self._local_parts(table):
+                target = tensors[key]
+                meta = None if self._global_shards(table, key) is None else shard.metadata
+                source = _local_source(name, value, _key_metadata(cfg, key, meta) if meta else None)
+                if source.dtype != target.dtype or source.shape != target.shape:
+                    raise ValueError(
+                        f"{name}: got {source.dtype} {tuple(source.shape)} for a local part of "
+                        f"{target.dtype} {tuple(target.shape)}"
+                    )
+                target.copy_(source)
+        return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
+class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbeddingBagCollection]):
+    """TorchRec sharder for :class:`~torchrec_mec.QuantizedEmbeddingBagCollection`.
+
+    Pass it to ``DistributedModelParallel`` (next to TorchRec's default sharders) and to
+    ``EmbeddingShardingPlanner``; the planner then sizes compressed tables by their codes and
+    codebooks. Sharding types: ``data_parallel``, ``table_wise``, ``row_wise`` (on CPU too) and
+    ``column_wise``, for compressed and full tables alike.
+
+    Args:
+        fused_params: as for TorchRec's ``EmbeddingBagCollectionSharder``; an ``"optimizer"``
+            (``EmbOptimType.EXACT_SGD``, ``EXACT_ADAGRAD`` or ``ADAM``, with ``"learning_rate"``
+            etc.) is applied in backward to model-parallel codebooks and weights, as is an
+            optimizer set by ``apply_optimizer_in_backward`` on the module's parameters. Without
+            one, those parameters keep their gradients for any torch optimizer.
+        qcomm_codecs_registry: quantized communication codecs for TorchRec's dists.
+
+    Example (one rank; run it under ``torchrun`` for more)::
+
+        >>> import os, torch, torch.distributed as dist
+        >>> from torchrec.distributed.model_parallel import DistributedModelParallel
+        >>> from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
+        >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")
+        >>> dist.init_process_group("gloo", rank=0, world_size=1)
+        >>> qebc = QuantizedEmbeddingBagCollection([QuantizedEmbeddingBagConfig(name="t",
+        ...     num_embeddings=1000, embedding_dim=8, feature_names=["f"], num_subspaces=4,
+        ...     codebook_size=16)])
+        >>> model = torch.nn.ModuleDict({"qebc": qebc})
+        >>> sharders = [QuantizedEmbeddingBagCollectionSharder()]
+        >>> plan = EmbeddingShardingPlanner(Topology(world_size=1, compute_device="cpu")).collective_plan(
+        ...     model, sharders, dist.GroupMember.WORLD)
+        >>> dmp = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan,
+        ...     sharders=sharders)
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(["f"], torch.tensor([3, 999]), torch.tensor([1, 1]))
+        >>> tuple(dmp.module.qebc(kjt).to_dict()["f"].shape)
+        (2, 8)
+        >>> dist.destroy_process_group()
+    """
+
+    def shard(
+        self,
+        module: QuantizedEmbeddingBagCollection,
+        params: EmbeddingModuleShardingPlan,
+        env: ShardingEnv,
+        device: Optional[torch.device] = None,
+        module_fqn: Optional[str] = None,
+    ) -> ShardedQuantizedEmbeddingBagCollection:
+        return ShardedQuantizedEmbeddingBagCollection(
+            module, params, env, self.fused_params, device, self.qcomm_codecs_registry
+        )
+
+    def shardable_parameters(self, module: QuantizedEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
+        return shardable_tables(module)  # type: ignore[return-value]
+
+    def sharding_types(self, compute_device_type: str) -> List[str]:
+        return list(SHARDING_TYPES)
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+        # The lookup is the QEBC's own (FBGEMM TBE, autograd gradients): TorchRec's "dense".
+        return [EmbeddingComputeKernel.DENSE.value]
+
+    @property
+    def module_type(self) -> Type[QuantizedEmbeddingBagCollection]:
+        return QuantizedEmbeddingBagCollection
+
+
+def _state_keys(cfg: QuantizedEmbeddingBagConfig) -> List[str]:
+    return ["codes", "codebooks"] if cfg.compressed else ["weight"]
+
+
+def _global_size(cfg: QuantizedEmbeddingBagConfig, key: str) -> torch.Size:
+    if key == "weight":
+        return torch.Size([cfg.num_embeddings, cfg.embedding_dim])
+    if key == "codes":
+        return torch.Size([cfg.num_embeddings, cfg.num_subspaces])
+    return torch.Size([cfg.num_subspaces, cfg.codebook_size, cfg.subspace_dim])
+
+
+def _key_dtype(cfg: QuantizedEmbeddingBagConfig, key: str) -> torch.dtype:
+    return cfg.code_dtype if key == "codes" else torch.float32
+
+
+def _key_metadata(cfg: QuantizedEmbeddingBagConfig, key: str, meta: ShardMetadata) -> ShardMetadata:
+    """A shard of the table (rows x embedding columns) as a shard of ``codes``, ``codebooks`` or
+    ``weight``: embedding columns ``[c0, c0 + c)`` are subspaces ``[c0/d, (c0 + c)/d)``."""
+    (r0, c0), (rows, cols) = meta.shard_offsets, meta.shard_sizes
+    if key == "weight":
+        return meta
+    d = cfg.subspace_dim
+    if key == "codes":
+        return ShardMetadata([r0, c0 // d], [rows, cols // d], meta.placement)
+    return ShardMetadata([c0 // d, 0, 0], [cols // d, cfg.codebook_size, d], meta.placement)
+
+
+def _local_source(name: str, value: Any, meta: Optional[ShardMetadata]) -> torch.Tensor:
+    """The part of a loaded value that a local tensor with shard ``meta`` (None: whole) holds."""
+    if isinstance(value, ShardedTensor):
+        for shard in value.local_shards():
+            if meta is not None and shard.metadata.shard_offsets == meta.shard_offsets and (
+                shard.metadata.shard_sizes == meta.shard_sizes
+            ):
+                return shard.tensor
+        raise ValueError(
+            f"{name}: the ShardedTensor is laid out differently from this module's shards; load "
+            "it through torch.distributed.checkpoint, which reshards"
+        )
+    if meta is None:
+        return value
+    return value[tuple(slice(o, o + n) for o, n in zip(meta.shard_offsets, meta.shard_sizes))]

@@ -1,0 +1,545 @@
+// Fused pooled lookups over product-quantized and full embedding tables, on the CPU.
+//
+// One call pools every feature of a collection: for each (feature, bag) it reads the bag's ids
+// once, checks their range, gathers each id's M codes (uint8 / uint16, never widened to int64)
+// and accumulates the addressed codewords, which stay in L1/L2 because a table's codebooks are
+// [M, K, D/M] floats (128 KiB for M=8, K=256, D=128). Full tables are pooled row by row in the
+// same pass. The backward partitions the codebook gradient by (table, subspace), so threads never
+// write the same memory and need no private copies; it reads the codes the forward saved in
+// [M, n] order instead of gathering them from the table again.
+//
+// Errors in the ids are reported, not thrown: the forward returns the first feature with an
+// out-of-range id and the first table with a code >= K, and the Python caller raises a
+// ValueError that names them.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+// Compile the hot loops for AVX-512, AVX2 and baseline x86-64; the loader picks one per machine,
+// so the extension built here also runs on an older CPU. Everything the cloned entry points call
+// is force-inlined into them, or it would be compiled once, for baseline x86-64 only.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MEC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MEC_INLINE inline __attribute__((always_inline))
+#else
+#define MEC_CLONES
+#define MEC_INLINE inline
+#endif
+
+namespace torchrec_mec {
+namespace {
+
+using at::Tensor;
+
+// How many ids ahead of the current one the forward prefetches the code row / table row.
+constexpr int64_t kPrefetchDistance = 16;
+// Bags handed to a thread at a time in the forward (dynamic scheduling: bags differ in length).
+constexpr int64_t kBagsPerChunk = 32;
+// Columns of a full table's gradient owned by one backward task (one 64-byte line).
+constexpr int64_t kFullColumnsPerTask = 16;
+
+struct Table {
+  const uint8_t* codes = nullptr;  // [rows, M] codes, nullptr for a full table
+  int64_t code_bytes = 0;          // 1 (uint8) or 2 (uint16)
+  const float* params = nullptr;   // codebooks [M, K, d] or full weight [rows, D]
+  int64_t rows = 0, M = 1, K = 0, d = 0, D = 0;
+  bool compressed() const { return codes != nullptr; }
+};
+
+struct Feature {
+  int64_t table = 0;
+  bool mean = false;
+  int64_t col = 0;                       // first output column
+  int64_t id_begin = 0, id_end = 0;      // its ids in `values`
+  int64_t saved = 0;                     // byte offset of its saved codes [M, n] (compressed)
+};
+
+struct Plan {
+  std::vector<Table> tables;
+  std::vector<Feature> features;
+  int64_t batch = 0, total_dim = 0, saved_bytes = 0;
+  const int64_t* offsets = nullptr;      // [F * B + 1], int64
+  const void* values = nullptr;          // [n], int32 or int64
+  bool int32_ids = false;
+  const float* weights = nullptr;        // [n] or nullptr
+};
+
+Plan make_plan(
+    const Tensor& values,
+    const Tensor& offsets,
+    const std::optional<Tensor>& weights,
+    at::TensorList codes,
+    at::TensorList params,
+    at::IntArrayRef feature_tables,
+    at::IntArrayRef feature_pooling) {
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be a contiguous 1-D tensor");
+  TORCH_CHECK(values.scalar_type() == at::kInt || values.scalar_type() == at::kLong,
+              "values must be int32 or int64");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
+              "offsets must be a contiguous 1-D int64 tensor");
+  TORCH_CHECK(codes.size() == params.size(), "one codes tensor per table");
+  TORCH_CHECK(feature_tables.size() == feature_pooling.size(), "one pooling mode per feature");
+  const int64_t num_features = static_cast<int64_t>(feature_tables.size());
+  TORCH_CHECK(num_features > 0 && (offsets.numel() - 1) % num_features == 0,
+              "offsets must hold num_features * batch + 1 entries");
+  Plan plan;
+  plan.batch = (offsets.numel() - 1) / num_features;
+  plan.offsets = offsets.data_ptr<int64_t>();
+  plan.values = values.data_ptr();
+  plan.int32_ids = values.scalar_type() == at::kInt;
+  TORCH_CHECK(plan.offsets[0] == 0 && plan.offsets[offsets.numel() - 1] == values.numel(),
+              "offsets must run from 0 to len(values)");
+  if (weights.has_value()) {
+    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() &&
+                    weights->numel() == values.numel(),
+                "per_sample_weights must be contiguous float32, one per id");
+    plan.weights = weights->data_ptr<float>();
+  }
+  for (size_t t = 0; t < params.size(); ++t) {
+    const Tensor& p = params[t];
+    TORCH_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous() && p.device().is_cpu(),
+                "table parameters must be contiguous float32 CPU tensors");
+    Table table;
+    table.params = p.data_ptr<float>();
+    if (p.dim() == 3) {  // codebooks [M, K, d]
+      const Tensor& c = codes[t];
+      TORCH_CHECK(c.dim() == 2 && c.size(1) == p.size(0) && c.is_contiguous(),
+                  "codes must be contiguous [rows, M]");
+      TORCH_CHECK(c.scalar_type() == at::kByte || c.scalar_type() == at::kUInt16,
+                  "codes must be uint8 or uint16");
+      table.codes = static_cast<const uint8_t*>(c.data_ptr());
+      table.code_bytes = c.element_size();
+      table.rows = c.size(0);
+      table.M = p.size(0);
+      table.K = p.size(1);
+      table.d = p.size(2);
+      table.D = table.M * table.d;
+    } else {  // full weight [rows, D]
+      TORCH_CHECK(p.dim() == 2, "a table is codebooks [M, K, d] or a weight [rows, D]");
+      table.rows = p.size(0);
+      table.D = table.d = p.size(1);
+    }
+    plan.tables.push_back(table);
+  }
+  for (int64_t f = 0; f < num_features; ++f) {
+    const int64_t t = feature_tables[f];
+    TORCH_CHECK(t >= 0 && t < static_cast<int64_t>(plan.tables.size()), "bad table index");
+    const Table& table = plan.tables[t];
+    Feature feature;
+    feature.table = t;
+    feature.mean = feature_pooling[f] != 0;
+    feature.col = plan.total_dim;
+    feature.id_begin = plan.offsets[f * plan.batch];
+    feature.id_end = plan.offsets[(f + 1) * plan.batch];
+    if (table.compressed()) {
+      feature.saved = plan.saved_bytes;
+      plan.saved_bytes += (feature.id_end - feature.id_begin) * table.M * table.code_bytes;
+    }
+    plan.total_dim += table.D;
+    plan.features.push_back(feature);
+  }
+  return plan;
+}
+
+// Floats are added in GCC vector types: after inlining, GCC cannot prove that the accumulator
+// and the codeword do not overlap and would not vectorize a plain loop. Vec<16> is one AVX-512
+// register, two AVX2 ones or four SSE ones, depending on the clone.
+template <int N>
+struct VecOf {
+  typedef float type __attribute__((vector_size(N * sizeof(float)), aligned(4), may_alias));
+};
+template <int N>
+using Vec = typename VecOf<N>::type;
+
+template <int N>
+MEC_INLINE Vec<N> load(const float* p) {
+  return *reinterpret_cast<const Vec<N>*>(p);
+}
+
+template <int N>
+MEC_INLINE void store(float* p, Vec<N> v) {
+  *reinterpret_cast<Vec<N>*>(p) = v;
+}
+
+// y[0:n] += a * x[0:n]; N > 0 fixes n = N at compile time (N a multiple of 4).
+template <int N>
+MEC_INLINE void axpy(float* y, const float* x, float a, int64_t n) {
+  if constexpr (N > 0) {
+    store<N>(y, load<N>(y) + a * load<N>(x));
+  } else {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) axpy<16>(y + i, x + i, a, 16);
+    for (; i + 4 <= n; i += 4) axpy<4>(y + i, x + i, a, 4);
+    for (; i < n; ++i) y[i] += a * x[i];
+  }
+}
+
+MEC_INLINE void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 1);
+}
+
+MEC_INLINE void record_min(std::atomic<int64_t>& slot, int64_t value) {
+  int64_t current = slot.load(std::memory_order_relaxed);
+  while (value < current && !slot.compare_exchange_weak(current, value)) {
+  }
+}
+
+struct ForwardState {
+  const Plan& plan;
+  float* out;
+  uint8_t* saved;  // nullptr when no backward will run
+  std::atomic<int64_t> bad_feature;
+  std::atomic<int64_t> bad_table;
+};
+
+// Pools the ids [begin, end) of one bag of compressed feature `f` into `out` (D floats). With
+// M_ and SUB fixed at compile time the bag's sum stays in registers (M_ vectors of SUB floats);
+// M_ = 0 is the general case, summing in `out`.
+template <typename IdT, typename CodeT, int M_, int SUB>
+MEC_INLINE void pool_pq_bag(ForwardState& s, int64_t f, int64_t begin, int64_t end, float* out) {
+  const Feature& fe = s.plan.features[f];
+  const Table& t = s.plan.tables[fe.table];
+  const IdT* ids = static_cast<const IdT*>(s.plan.values);
+  const CodeT* codes = reinterpret_cast<const CodeT*>(t.codes);
+  const float* books = t.params;
+  const int64_t M = M_ > 0 ? M_ : t.M, d = SUB > 0 ? SUB : t.d, K = t.K;
+  const int64_t n = fe.id_end - fe.id_begin;
+  // A uint8 code cannot reach K = 256, so the check vanishes for the common case.
+  const bool check_codes = K <= static_cast<int64_t>(std::numeric_limits<CodeT>::max());
+  CodeT* saved = s.saved ? reinterpret_cast<CodeT*>(s.saved + fe.saved) : nullptr;
+  Vec<(SUB > 0 ? SUB : 4)> acc[M_ > 0 ? M_ : 1] = {};
+  if constexpr (M_ == 0) std::fill(out, out + t.D, 0.0f);
+  for (int64_t j = begin; j < end; ++j) {
+    if (j + kPrefetchDistance < fe.id_end) {
+      const int64_t ahead = static_cast<int64_t>(ids[j + kPrefetchDistance]);
+      if (ahead >= 0 && ahead < t.rows) __builtin_prefetch(codes + ahead * M, 0, 1);
+    }
+    const int64_t id = static_cast<int64_t>(ids[j]);
+    if (id < 0 || id >= t.rows) {
+      record_min(s.bad_feature, f);
+      continue;
+    }
+    const float w = s.plan.weights ? s.plan.weights[j] : 1.0f;
+    const CodeT* row = codes + id * M;
+#pragma GCC unroll 32
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t k = row[m];
+      if (saved) saved[m * n + (j - fe.id_begin)] = row[m];
+      if (check_codes && k >= K) {
+        record_min(s.bad_table, fe.table);
+        continue;
+      }
+      if constexpr (M_ > 0) {
+        acc[m] += w * load<SUB>(books + (m * K + k) * SUB);
+      } else {
+        axpy<SUB>(out + m * d, books + (m * K + k) * d, w, d);
+      }
+    }
+  }
+  if constexpr (M_ > 0) {
+    for (int m = 0; m < M_; ++m) store<SUB>(out + m * SUB, acc[m]);
+  }
+}
+
+// Pools one bag of full-table feature `f` into `out`; D_ > 0 (a multiple of 16) keeps the sum
+// in registers.
+template <typename IdT, int D_>
+MEC_INLINE void pool_full_bag(ForwardState& s, int64_t f, int64_t begin, int64_t end, float* out) {
+  const Feature& fe = s.plan.features[f];
+  const Table& t = s.plan.tables[fe.table];
+  const IdT* ids = static_cast<const IdT*>(s.plan.values);
+  Vec<16> acc[D_ > 0 ? D_ / 16 : 1] = {};
+  if constexpr (D_ == 0) std::fill(out, out + t.D, 0.0f);
+  for (int64_t j = begin; j < end; ++j) {
+    if (j + kPrefetchDistance < fe.id_end) {
+      const int64_t ahead = static_cast<int64_t>(ids[j + kPrefetchDistance]);
+      if (ahead >= 0 && ahead < t.rows) prefetch_lines(t.params + ahead * t.D, t.D * 4);
+    }
+    const int64_t id = static_cast<int64_t>(ids[j]);
+    if (id < 0 || id >= t.rows) {
+      record_min(s.bad_feature, f);
+      continue;
+    }
+    const float w = s.plan.weights ? s.plan.weights[j] : 1.0f;
+    const float* row = t.params + id * t.D;
+    if constexpr (D_ > 0) {
+      for (int i = 0; i < D_ / 16; ++i) acc[i] += w * load<16>(row + 16 * i);
+    } else {
+      axpy<0>(out, row, w, t.D);
+    }
+  }
+  if constexpr (D_ > 0) {
+    for (int i = 0; i < D_ / 16; ++i) store<16>(out + 16 * i, acc[i]);
+  }
+}
+
+// The (M, D/M) shapes compiled with register sums (common ones, D <= 256 floats); other shapes
+// take the general loop.
+#define MEC_PQ_SHAPE(M_, SUB) \
+  if (t.M == M_ && t.d == SUB) return pool_pq_bag<IdT, CodeT, M_, SUB>(s, f, begin, end, out);
+
+template <typename IdT, typename CodeT>
+MEC_INLINE void pool_pq_bag_dispatch(ForwardState& s, int64_t f, int64_t begin, int64_t end, float* out) {
+  const Table& t = s.plan.tables[s.plan.features[f].table];
+  MEC_PQ_SHAPE(4, 4) MEC_PQ_SHAPE(8, 4) MEC_PQ_SHAPE(16, 4)
+  MEC_PQ_SHAPE(4, 8) MEC_PQ_SHAPE(8, 8) MEC_PQ_SHAPE(16, 8)
+  MEC_PQ_SHAPE(4, 16) MEC_PQ_SHAPE(8, 16) MEC_PQ_SHAPE(16, 16)
+  MEC_PQ_SHAPE(4, 32) MEC_PQ_SHAPE(8, 32)
+  pool_pq_bag<IdT, CodeT, 0, 0>(s, f, begin, end, out);
+}
+#undef MEC_PQ_SHAPE
+
+template <typename IdT>
+MEC_INLINE void pool_full_bag_dispatch(ForwardState& s, int64_t f, int64_t begin, int64_t end, float* out) {
+  switch (s.plan.tables[s.plan.features[f].table].D) {
+    case 16: return pool_full_bag<IdT, 16>(s, f, begin, end, out);
+    case 32: return pool_full_bag<IdT, 32>(s, f, begin, end, out);
+    case 64: return pool_full_bag<IdT, 64>(s, f, begin, end, out);
+    case 128: return pool_full_bag<IdT, 128>(s, f, begin, end, out);
+    case 256: return pool_full_bag<IdT, 256>(s, f, begin, end, out);
+    default: return pool_full_bag<IdT, 0>(s, f, begin, end, out);
+  }
+}
+
+template <typename IdT>
+MEC_INLINE void forward_rows_impl(ForwardState& s, int64_t row_begin, int64_t row_end) {
+  const Plan& plan = s.plan;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t f = r / plan.batch, b = r % plan.batch;
+    const Feature& fe = plan.features[f];
+    const Table& t = plan.tables[fe.table];
+    float* out = s.out + b * plan.total_dim + fe.col;
+    const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
+    if (!t.compressed()) {
+      pool_full_bag_dispatch<IdT>(s, f, begin, end, out);
+    } else if (t.code_bytes == 1) {
+      pool_pq_bag_dispatch<IdT, uint8_t>(s, f, begin, end, out);
+    } else {
+      pool_pq_bag_dispatch<IdT, uint16_t>(s, f, begin, end, out);
+    }
+    if (fe.mean && end > begin) {
+      const float inv = 1.0f / static_cast<float>(end - begin);
+      for (int64_t i = 0; i < t.D; ++i) out[i] *= inv;
+    }
+  }
+}
+
+MEC_CLONES void forward_rows(ForwardState& s, int64_t row_begin, int64_t row_end) {
+  if (s.plan.int32_ids) {
+    forward_rows_impl<int32_t>(s, row_begin, row_end);
+  } else {
+    forward_rows_impl<int64_t>(s, row_begin, row_end);
+  }
+}
+
+// Runs `task(i)` for i in [0, count) on torch's intra-op threads, handing indices out one at a
+// time: one parallel region per call, balanced however uneven the tasks are.
+template <typename F>
+void run_dynamic(int64_t count, const F& task) {
+  if (count <= 1 || at::get_num_threads() == 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < count; ++i) task(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), count), 1,
+                   [&](int64_t, int64_t) {
+                     for (int64_t i; (i = next.fetch_add(1)) < count;) task(i);
+                   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> pooled_lookup_forward(
+    const Tensor& values,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    at::TensorList codes,
+    at::TensorList params,
+    at::IntArrayRef feature_tables,
+    at::IntArrayRef feature_pooling,
+    bool save_codes) {
+  const Plan plan =
+      make_plan(values, offsets, per_sample_weights, codes, params, feature_tables, feature_pooling);
+  Tensor out = at::empty({plan.batch, plan.total_dim}, params[0].options());
+  Tensor saved = at::empty({save_codes ? plan.saved_bytes : 0}, values.options().dtype(at::kByte));
+  const int64_t num_features = static_cast<int64_t>(plan.features.size());
+  const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
+  ForwardState s{plan, out.data_ptr<float>(), save_codes ? saved.data_ptr<uint8_t>() : nullptr,
+                 {num_features}, {num_tables}};
+  const int64_t rows = num_features * plan.batch;
+  run_dynamic((rows + kBagsPerChunk - 1) / kBagsPerChunk, [&](int64_t chunk) {
+    forward_rows(s, chunk * kBagsPerChunk, std::min(rows, (chunk + 1) * kBagsPerChunk));
+  });
+  const int64_t bad_feature = s.bad_feature.load(), bad_table = s.bad_table.load();
+  Tensor status = at::tensor(
+      {bad_feature < num_features ? bad_feature : -1, bad_table < num_tables ? bad_table : -1},
+      values.options().dtype(at::kLong));
+  return {out, saved, status};
+}
+
+struct BackwardState {
+  const Plan& plan;
+  const float* grad_out;
+  const uint8_t* saved;
+  std::vector<float*> grads;
+  std::vector<std::vector<int64_t>> features_of_table;
+};
+
+// Accumulates subspace m of table t's codebook gradient over every feature that reads t.
+template <typename CodeT, int SUB>
+MEC_INLINE void codebook_grad(BackwardState& s, int64_t t, int64_t m) {
+  const Plan& plan = s.plan;
+  const Table& table = plan.tables[t];
+  const int64_t d = SUB > 0 ? SUB : table.d;
+  float* grad = s.grads[t] + m * table.K * d;
+  std::fill(grad, grad + table.K * d, 0.0f);
+  for (int64_t f : s.features_of_table[t]) {
+    const Feature& fe = plan.features[f];
+    const int64_t n = fe.id_end - fe.id_begin;
+    // This feature's codes of subspace m, indexed by position in `values` minus id_begin.
+    const CodeT* codes = reinterpret_cast<const CodeT*>(s.saved + fe.saved) + m * n;
+    for (int64_t b = 0; b < plan.batch; ++b) {
+      const int64_t r = f * plan.batch + b;
+      const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
+      if (begin == end) continue;
+      const float scale = fe.mean ? 1.0f / static_cast<float>(end - begin) : 1.0f;
+      const float* g = s.grad_out + b * plan.total_dim + fe.col + m * d;
+      for (int64_t j = begin; j < end; ++j) {
+        const float w = plan.weights ? plan.weights[j] * scale : scale;
+        axpy<SUB>(grad + static_cast<int64_t>(codes[j - fe.id_begin]) * d, g, w, d);
+      }
+    }
+  }
+}
+
+template <typename IdT>
+MEC_INLINE void full_grad(BackwardState& s, int64_t t, int64_t part) {
+  const Plan& plan = s.plan;
+  const Table& table = plan.tables[t];
+  const int64_t c0 = part * kFullColumnsPerTask;
+  const int64_t width = std::min(kFullColumnsPerTask, table.D - c0);
+  const IdT* ids = static_cast<const IdT*>(plan.values);
+  float* grad = s.grads[t] + c0;
+  for (int64_t f : s.features_of_table[t]) {
+    const Feature& fe = plan.features[f];
+    for (int64_t b = 0; b < plan.batch; ++b) {
+      const int64_t r = f * plan.batch + b;
+      const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
+      if (begin == end) continue;
+      const float scale = fe.mean ? 1.0f / static_cast<float>(end - begin) : 1.0f;
+      const float* g = s.grad_out + b * plan.total_dim + fe.col + c0;
+      for (int64_t j = begin; j < end; ++j) {
+        const float w = plan.weights ? plan.weights[j] * scale : scale;
+        axpy<0>(grad + static_cast<int64_t>(ids[j]) * table.D, g, w, width);
+      }
+    }
+  }
+}
+
+template <typename CodeT>
+MEC_INLINE void codebook_grad_dispatch(BackwardState& s, int64_t t, int64_t m) {
+  switch (s.plan.tables[t].d) {
+    case 4: return codebook_grad<CodeT, 4>(s, t, m);
+    case 8: return codebook_grad<CodeT, 8>(s, t, m);
+    case 16: return codebook_grad<CodeT, 16>(s, t, m);
+    case 32: return codebook_grad<CodeT, 32>(s, t, m);
+    default: return codebook_grad<CodeT, 0>(s, t, m);
+  }
+}
+
+MEC_CLONES void backward_task(BackwardState& s, int64_t t, int64_t part) {
+  const Table& table = s.plan.tables[t];
+  if (!table.compressed()) {
+    if (s.plan.int32_ids) {
+      full_grad<int32_t>(s, t, part);
+    } else {
+      full_grad<int64_t>(s, t, part);
+    }
+  } else if (table.code_bytes == 1) {
+    codebook_grad_dispatch<uint8_t>(s, t, part);
+  } else {
+    codebook_grad_dispatch<uint16_t>(s, t, part);
+  }
+}
+
+std::vector<Tensor> pooled_lookup_backward(
+    const Tensor& grad_output,
+    const Tensor& values,
+    const Tensor& offsets,
+    const std::optional<Tensor>& per_sample_weights,
+    const Tensor& saved_codes,
+    at::TensorList codes,
+    at::TensorList params,
+    at::IntArrayRef feature_tables,
+    at::IntArrayRef feature_pooling) {
+  const Plan plan =
+      make_plan(values, offsets, per_sample_weights, codes, params, feature_tables, feature_pooling);
+  TORCH_CHECK(grad_output.scalar_type() == at::kFloat && grad_output.is_contiguous() &&
+                  grad_output.dim() == 2 && grad_output.size(0) == plan.batch &&
+                  grad_output.size(1) == plan.total_dim,
+              "grad_output must be contiguous float32 [batch, total_dim]");
+  TORCH_CHECK(saved_codes.numel() == plan.saved_bytes, "saved_codes do not match the inputs");
+  std::vector<Tensor> grads;
+  BackwardState s{plan, grad_output.data_ptr<float>(), saved_codes.data_ptr<uint8_t>(), {}, {}};
+  s.features_of_table.resize(plan.tables.size());
+  for (size_t f = 0; f < plan.features.size(); ++f) {
+    s.features_of_table[plan.features[f].table].push_back(static_cast<int64_t>(f));
+  }
+  struct Task {
+    int64_t table, part, cost;
+  };
+  std::vector<Task> tasks;
+  for (size_t t = 0; t < plan.tables.size(); ++t) {
+    const Table& table = plan.tables[t];
+    // Codebook subspaces are zeroed by their task; full weights need zeros under every row.
+    grads.push_back(table.compressed() ? at::empty_like(params[t]) : at::zeros_like(params[t]));
+    s.grads.push_back(grads.back().data_ptr<float>());
+    int64_t ids = 0;
+    for (int64_t f : s.features_of_table[t]) ids += plan.features[f].id_end - plan.features[f].id_begin;
+    const int64_t parts = table.compressed()
+        ? table.M
+        : (table.D + kFullColumnsPerTask - 1) / kFullColumnsPerTask;
+    for (int64_t p = 0; p < parts; ++p) {
+      tasks.push_back({static_cast<int64_t>(t), p, ids * (table.compressed() ? table.d : 16)});
+    }
+  }
+  // Longest first, so the last tasks to be handed out are short.
+  std::stable_sort(tasks.begin(), tasks.end(),
+                   [](const Task& a, const Task& b) { return a.cost > b.cost; });
+  run_dynamic(static_cast<int64_t>(tasks.size()),
+              [&](int64_t i) { backward_task(s, tasks[i].table, tasks[i].part); });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torchrec_mec, m) {
+  m.def(
+      "pooled_lookup_forward(Tensor values, Tensor offsets, Tensor? per_sample_weights, "
+      "Tensor[] codes, Tensor[] params, int[] feature_tables, int[] feature_pooling, "
+      "bool save_codes) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "pooled_lookup_backward(Tensor grad_output, Tensor values, Tensor offsets, "
+      "Tensor? per_sample_weights, Tensor saved_codes, Tensor[] codes, Tensor[] params, "
+      "int[] feature_tables, int[] feature_pooling) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(torchrec_mec, CPU, m) {
+  m.impl("pooled_lookup_forward", &pooled_lookup_forward);
+  m.impl("pooled_lookup_backward", &pooled_lookup_backward);
+}
+
+}  // namespace torchrec_mec
+
+// `import torchrec_mec._C` loads this library, which registers the ops above.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,196 @@
+"""Stage 4: AUC and log loss of the baseline and the MEC model on the test split, and the
+embedding memory of both.
+
+Metrics are torchmetrics' (``BinaryAUROC``, exact; ``MeanMetric`` of PyTorch's per-sample
+binary cross-entropy), which synchronise over the process group, so each rank scores its slice
+of the test split and every rank gets the metric of the whole split.
+"""
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Dict
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAUROC
+from tqdm import tqdm
+
+from torchrec_mec.artifacts import load_artifact, save_artifact
+from torchrec_mec.data import CTRDataset, EncodedDataset
+from torchrec_mec.models import CTRModel
+from torchrec_mec.pipeline.outputs import (
+    METRICS_FILE,
+    METRICS_KIND,
+    MODEL_FILE,
+    finished,
+    fingerprint,
+    load_model,
+)
+from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
+from torchrec_mec.pipeline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Binary classification metrics of a model on one split.
+
+    Args:
+        auc (float): area under the ROC curve.
+        logloss (float): mean binary cross-entropy (natural log).
+        num_samples (int): rows scored (all ranks together).
+    """
+
+    auc: float
+    logloss: float
+    num_samples: int
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset: CTRDataset,
+    split: str,
+    batch_size: int,
+    ctx: DistContext,
+    *,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> Metrics:
+    """Scores ``model`` (plain or ``DistributedModelParallel``) on ``split``.
+
+    Every rank must call this (the metrics synchronise); each reads its slice of every global
+    batch of ``batch_size`` rows.
+
+    Example::
+
+        >>> import tempfile
+        >>> from torchrec_mec.data import SyntheticConfig, prepare_dataset
+        >>> from torchrec_mec.models import ModelConfig, build_model
+        >>> ds = prepare_dataset(None, "synthetic", tempfile.mkdtemp(), progress=False,
+        ...     synthetic=SyntheticConfig(num_rows=500, table_sizes=(50, 5), num_dense=2))
+        >>> model = build_model(ModelConfig(embedding_dim=4, dense_hidden_sizes=(8,),
+        ...     over_hidden_sizes=(8,)), 2, ds.schema.sparse_names, ds.num_embeddings)
+        >>> m = evaluate_model(model, ds, "test", 64, DistContext(0, 1, torch.device("cpu")),
+        ...                    progress=False)
+        >>> m.num_samples, 0.0 <= m.auc <= 1.0
+        (50, True)
+    """
+    was_training = model.training
+    model.eval()
+    auc = BinaryAUROC().to(ctx.device)
+    logloss = MeanMetric().to(ctx.device)
+    local = max(1, batch_size // ctx.world_size)
+    batches = dataset.batches(split, local, rank=ctx.rank, world_size=ctx.world_size)
+    total = dataset.num_batches(split, local, world_size=ctx.world_size)
+    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False,
+                      disable=not (progress and ctx.is_main)):
+        batch = batch.to(ctx.device)
+        logits = model(batch.dense_features, batch.sparse_features)
+        auc.update(torch.sigmoid(logits), batch.labels.long())
+        logloss.update(nn.functional.binary_cross_entropy_with_logits(
+            logits, batch.labels, reduction="none"))
+    model.train(was_training)
+    return Metrics(auc=float(auc.compute()), logloss=float(logloss.compute()),
+                   num_samples=dataset.num_rows(split))
+
+
+def embedding_memory(model: CTRModel) -> Dict[str, Any]:
+    """Bytes of the model's embedding collection, per table and in all, and what the same
+    tables cost as float32 full tables.
+
+    Example::
+
+        >>> from torchrec_mec.models import ModelConfig, build_model
+        >>> m = build_model(ModelConfig(embedding_dim=8, dense_hidden_sizes=(8,),
+        ...     over_hidden_sizes=(8,)), 1, ["C1"], {"C1": 100})
+        >>> embedding_memory(m)["bytes"], embedding_memory(m)["tables"]["t_C1"]["compressed"]
+        (3200, False)
+    """
+    ebc = model.embedding_bag_collection
+    tables: Dict[str, Dict[str, Any]] = {}
+    if hasattr(ebc, "memory_report"):
+        for name, t in ebc.memory_report().tables.items():
+            tables[name] = {**asdict(t), "total_bytes": t.total_bytes}
+    else:
+        for cfg in ebc.embedding_bag_configs():
+            weight = ebc.embedding_bags[cfg.name].weight
+            size = weight.numel() * weight.element_size()
+            tables[cfg.name] = {"rows": cfg.num_embeddings, "dim": cfg.embedding_dim,
+                                "compressed": False, "codes_bytes": 0, "codebooks_bytes": 0,
+                                "weight_bytes": size, "baseline_bytes": cfg.num_embeddings
+                                * cfg.embedding_dim * 4, "total_bytes": size}
+    total = sum(t["total_bytes"] for t in tables.values())
+    baseline = sum(t["baseline_bytes"] for t in tables.values())
+    return {"bytes": total, "baseline_bytes": baseline, "tables": tables}
+
+
+def evaluate(
+    data_dir: str,
+    baseline_dir: str,
+    mec_dir: str,
+    out_dir: str,
+    settings: Settings,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> str:
+    """Stage 4: scores the pre-trained and the fine-tuned MEC model on the test split.
+
+    Args:
+        data_dir (str): the prepared data set.
+        baseline_dir (str): stage 1's folder (``model.mec``, ``tables.mec``).
+        mec_dir (str): stage 3's folder.
+        out_dir (str): where ``metrics.mec`` goes.
+        settings (Settings): uses ``settings.evaluate``.
+        force (bool): rerun even if an up-to-date result exists.
+        progress (bool): show progress bars.
+
+    Returns:
+        str: the URI of ``metrics.mec``, whose metadata holds ``baseline`` and ``mec`` (each
+        ``auc``, ``logloss``, ``num_samples``) and ``memory`` (``baseline_bytes``,
+        ``mec_bytes``, ``ratio``, ``tables``).
+
+    Raises:
+        ArtifactError: an input artifact is missing or corrupted (names the file).
+    """
+    ctx = init_distributed()
+    out_uri = os.path.join(out_dir, METRICS_FILE)
+    want = fingerprint(settings.evaluate, os.path.join(data_dir, "manifest.json"),
+                       os.path.join(baseline_dir, MODEL_FILE), os.path.join(mec_dir, MODEL_FILE))
+    if not force and finished(out_uri, want):
+        logger.info("evaluate: %s is up to date; skipping (--force reruns)", out_uri)
+        return out_uri
+    dataset = EncodedDataset(data_dir)
+    results: Dict[str, Any] = {}
+    memory: Dict[str, Any] = {}
+    for name, folder in (("baseline", baseline_dir), ("mec", mec_dir)):
+        model, _ = load_model(folder)
+        model.to(ctx.device)
+        metrics = evaluate_model(model, dataset, "test", settings.evaluate.batch_size, ctx,
+                                 progress=progress, desc=f"evaluate {name}")
+        results[name] = asdict(metrics)
+        memory[name] = embedding_memory(model)
+    meta = {
+        "fingerprint": want,
+        "settings": asdict(settings.evaluate),
+        **results,
+        "memory": {
+            "baseline_bytes": memory["baseline"]["bytes"],
+            "mec_bytes": memory["mec"]["bytes"],
+            "ratio": memory["baseline"]["bytes"] / max(memory["mec"]["bytes"], 1),
+            "tables": memory["mec"]["tables"],
+        },
+    }
+    if ctx.is_main:
+        save_artifact(out_uri, {}, meta, METRICS_KIND)
+    barrier(ctx)
+    return out_uri
+
+
+def read_metrics(uri: str) -> Dict[str, Any]:
+    """The metadata of an evaluation artifact (see :func:`evaluate`)."""
+    return load_artifact(uri, expect_kind=METRICS_KIND)[1]
+

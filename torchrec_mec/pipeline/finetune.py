@@ -1,0 +1,125 @@
+"""Stage 3: the same model with a QuantizedEmbeddingBagCollection, trained on frozen codes."""
+import logging
+import os
+from dataclasses import asdict
+from typing import NamedTuple
+
+import torch
+
+from torchrec_mec.data import EncodedDataset
+from torchrec_mec.models import CTRModel, build_model
+from torchrec_mec.pipeline.compress import COMPRESSED_FILE, load_compressed
+from torchrec_mec.pipeline.outputs import (
+    CHECKPOINT_FILE,
+    EMBEDDING_PREFIX,
+    MODEL_FILE,
+    TABLES_FILE,
+    finished,
+    fingerprint,
+    load_model,
+    architecture,
+    save_model,
+)
+from torchrec_mec.pipeline.parallel import barrier, init_distributed
+from torchrec_mec.pipeline.settings import Settings
+from torchrec_mec.pipeline.training import remove_checkpoint, train_model
+
+logger = logging.getLogger(__name__)
+
+
+class FinetuneOutput(NamedTuple):
+    """Stage 3's files: ``model.mec`` (dense arch, architecture, history) and ``tables.mec``
+    (the QEBC state: codes, codebooks, full small tables)."""
+
+    model_uri: str
+    tables_uri: str
+
+
+def compressed_model(pretrain_dir: str, compress_dir: str) -> CTRModel:
+    """The pre-trained model with its embedding collection swapped for a QEBC: codes and
+    codebooks from stage 2 for the compressed tables, the trained weights for the others, and
+    the trained dense, interaction and over arch.
+
+    Raises:
+        ArtifactError: an input file missing or corrupted (names it).
+    """
+    baseline, _ = load_model(pretrain_dir)
+    compressed = load_compressed(compress_dir)
+    ebc = baseline.embedding_bag_collection
+    model = build_model(baseline.config, baseline.num_dense,
+                        [f for cfg in ebc.embedding_bag_configs() for f in cfg.feature_names],
+                        {f: cfg.num_embeddings for cfg in ebc.embedding_bag_configs()
+                         for f in cfg.feature_names},
+                        compressed={t: (c.codebooks.shape[0], c.codebooks.shape[1])
+                                    for t, c in compressed.items()})
+    state = {k: v for k, v in baseline.state_dict().items()
+             if not any(k == f"{EMBEDDING_PREFIX}embedding_bags.{t}.weight" for t in compressed)}
+    for t, c in compressed.items():
+        state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codes"] = c.codes
+        state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codebooks"] = c.codebooks
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def finetune(
+    data_dir: str,
+    pretrain_dir: str,
+    compress_dir: str,
+    out_dir: str,
+    settings: Settings,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> FinetuneOutput:
+    """Stage 3: trains the compressed model (codes frozen; codebooks, full tables and the dense
+    parts trained), starting from the pre-trained model and stage 2's codebooks.
+
+    Runs in one process or data-parallel under torchrun (``DistributedModelParallel`` with the
+    QEBC sharder); resumes from ``out_dir/checkpoint.mec``; returns at once if up to date.
+
+    Args:
+        data_dir (str): the prepared data set.
+        pretrain_dir (str): stage 1's folder.
+        compress_dir (str): stage 2's folder.
+        out_dir (str): where the outputs go (``DIR/finetune`` in a run).
+        settings (Settings): uses ``finetune`` and ``evaluate.batch_size``.
+        force (bool): retrain from scratch.
+        progress (bool): show progress bars.
+
+    Returns:
+        FinetuneOutput: the files' URIs.
+
+    Raises:
+        ArtifactError: an input missing or corrupted, or a corrupted checkpoint (names the file).
+    """
+    ctx = init_distributed()
+    out = FinetuneOutput(os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, TABLES_FILE))
+    checkpoint = os.path.join(out_dir, CHECKPOINT_FILE)
+    scope = {"finetune": settings.finetune, "eval_batch_size": settings.evaluate.batch_size}
+    want = fingerprint(scope, os.path.join(data_dir, "manifest.json"),
+                       os.path.join(pretrain_dir, MODEL_FILE),
+                       os.path.join(pretrain_dir, TABLES_FILE),
+                       os.path.join(compress_dir, COMPRESSED_FILE))
+    if force:
+        barrier(ctx)
+        if ctx.is_main:
+            remove_checkpoint(checkpoint)
+        barrier(ctx)
+    elif finished(out.model_uri, want) and os.path.exists(out.tables_uri):
+        logger.info("finetune: %s is up to date; skipping (--force reruns)", out_dir)
+        return out
+    dataset = EncodedDataset(data_dir)
+    model = compressed_model(pretrain_dir, compress_dir)
+    torch.manual_seed(settings.finetune.seed)
+    arch = architecture(model)  # before DMP shards the model in place
+    result = train_model(model, dataset, settings.finetune, ctx=ctx, checkpoint_uri=checkpoint,
+                         fingerprint=want, eval_batch_size=settings.evaluate.batch_size,
+                         desc="finetune", progress=progress)
+    if ctx.is_main:
+        assert result.state is not None
+        save_model(out_dir, result.state, arch,
+                   {"fingerprint": want, "stage": "finetune", "history": result.history.to_dict(),
+                    "settings": {"finetune": asdict(settings.finetune)}})
+        remove_checkpoint(checkpoint)
+    barrier(ctx)
+    return out

@@ -1,0 +1,217 @@
+"""Processes, devices and DistributedModelParallel for the pipeline's stages.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) the stages share one process
+group: gloo on CPU, NCCL when CUDA is available. Model state crosses the process boundary only
+as *full* (unsharded) tensors: ``gather_state`` assembles sharded tables on rank 0 for saving,
+``load_state`` copies full tensors into whatever shards a rank holds. Checkpoints and stage
+outputs are therefore the same files whatever the world size, and a one-process run reads them.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+EMBEDDING_ADAGRAD_EPS = 1e-8
+"""Adagrad's eps for embeddings, the same in FBGEMM's fused kernel and ``torch.optim.Adagrad``."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: rank, world size and the device it computes on.
+
+    Example::
+
+        >>> ctx = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
+        >>> ctx.is_main, ctx.distributed
+        (True, False)
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistContext:
+    """The process group of this job, initialised once from torchrun's environment.
+
+    Without ``WORLD_SIZE`` (or with 1) this is a single process and no group is made. The device
+    is ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), device)
+    return DistContext(0, 1, device)
+
+
+def barrier(ctx: DistContext) -> None:
+    """Waits for every rank (no-op in one process)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
+def broadcast_object(ctx: DistContext, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.Module:
+    """Wraps ``model`` in ``DistributedModelParallel`` with this package's sharders.
+
+    The one place that chooses sharders: TorchRec's ``EmbeddingBagCollectionSharder`` and, for
+    the compressed collection, ``QuantizedEmbeddingBagCollectionSharder``, both with Adagrad
+    fused into the backward pass (FBGEMM's ``EXACT_ADAGRAD``; ``torch.optim.Adagrad`` for
+    codebooks), the same update as the unsharded path's ``torch.optim.Adagrad``. DMP re-initialises
+    sharded tables, so the caller loads the model's state afterwards (``load_state``).
+    """
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    from torchrec_mec.modules import QuantizedEmbeddingBagCollection
+
+    fused = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": embedding_lr,
+             "eps": EMBEDDING_ADAGRAD_EPS}
+    sharders: List[Any] = [EmbeddingBagCollectionSharder(fused_params=fused)]
+    if any(isinstance(m, QuantizedEmbeddingBagCollection) for m in model.modules()):
+        try:
+            from torchrec_mec.distributed import QuantizedEmbeddingBagCollectionSharder
+        except ImportError as e:
+            raise RuntimeError(
+                "training a compressed model on several processes needs "
+                "torchrec_mec.distributed.QuantizedEmbeddingBagCollectionSharder, which this "
+                f"installation lacks ({e}); run the stage in one process"
+            ) from e
+        sharders.insert(0, QuantizedEmbeddingBagCollectionSharder(fused_params=fused))
+    return DistributedModelParallel(model, device=ctx.device, sharders=sharders)
+
+
+def gather_state(state: Mapping[str, Any], ctx: DistContext) -> Optional[Dict[str, torch.Tensor]]:
+    """The full tensors of a (possibly sharded) state dict, on rank 0 (``None`` elsewhere).
+
+    ``ShardedTensor`` values are assembled from every rank's local shards (a collective: every
+    rank must call this, and every rank's state must have the same keys, as a
+    ``DistributedModelParallel`` model's has); plain tensors are replicated and taken as is.
+    Nested dicts are flattened with dotted keys.
+    """
+    flat = _flatten(state)
+    if ctx.distributed:
+        keys: List[Any] = [None] * ctx.world_size
+        dist.all_gather_object(keys, list(flat))
+        if any(k != keys[0] for k in keys):
+            raise RuntimeError("gather_state: the ranks' state dicts have different keys")
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in flat.items():
+        if isinstance(value, ShardedTensor):
+            full = torch.zeros(tuple(value.size()), dtype=value.dtype, device=ctx.device)
+            for shard in value.local_shards():
+                full[_slices(shard)] = shard.tensor.to(ctx.device)
+            if ctx.distributed:
+                dist.reduce(full, dst=0)  # shards do not overlap: the sum is the table
+            out[key] = full.cpu()
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().cpu().clone()
+        else:
+            raise TypeError(f"state entry {key!r} is a {type(value).__name__}, not a tensor")
+    return out if ctx.is_main else None
+
+
+def load_state(state: Mapping[str, Any], full: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copies full tensors into a (possibly sharded) state dict in place, key by key.
+
+    State dict tensors alias the parameters, buffers and optimizer states they come from, so
+    this loads them. Every key of ``state`` must be in ``full`` with the same shape.
+
+    Raises:
+        KeyError: a key of ``state`` missing from ``full`` (the message names ``source``).
+        ValueError: a shape mismatch, naming key and ``source``.
+    """
+    for key, value in _flatten(state).items():
+        if key not in full:
+            raise KeyError(f"{source}: has no entry {key!r}")
+        src = full[key]
+        size = tuple(value.size()) if isinstance(value, ShardedTensor) else tuple(value.shape)
+        if tuple(src.shape) != size:
+            raise ValueError(f"{source}: entry {key!r} has shape {tuple(src.shape)}, "
+                             f"expected {size}")
+        with torch.no_grad():
+            if isinstance(value, ShardedTensor):
+                for shard in value.local_shards():
+                    shard.tensor.copy_(src[_slices(shard)])
+            else:
+                value.copy_(src)
+
+
+def local_state(state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """This rank's part of a (possibly sharded) state dict, flattened: plain tensors as they are,
+    the local shards of a ``ShardedTensor`` as ``<key>#<i>``. No communication; read it back
+    with :func:`load_local_state` on a rank of the same sharding plan."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in _flatten(state).items():
+        if isinstance(value, ShardedTensor):
+            for i, shard in enumerate(value.local_shards()):
+                out[f"{key}#{i}"] = shard.tensor.detach().cpu().clone()
+        else:
+            out[key] = value.detach().cpu().clone()
+    return out
+
+
+def load_local_state(state: Mapping[str, Any], local: Mapping[str, torch.Tensor],
+                     source: str) -> None:
+    """Copies what :func:`local_state` saved back into ``state`` in place.
+
+    Raises:
+        KeyError: an entry is missing (the message names ``source``).
+        ValueError: a shape mismatch, naming the entry and ``source``.
+    """
+    targets: Dict[str, torch.Tensor] = {}
+    for key, value in _flatten(state).items():
+        if isinstance(value, ShardedTensor):
+            targets.update({f"{key}#{i}": s.tensor for i, s in enumerate(value.local_shards())})
+        else:
+            targets[key] = value
+    for key, target in targets.items():
+        if key not in local:
+            raise KeyError(f"{source}: has no entry {key!r}")
+        if tuple(local[key].shape) != tuple(target.shape):
+            raise ValueError(f"{source}: entry {key!r} has shape {tuple(local[key].shape)}, "
+                             f"expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(local[key])
+
+
+def _slices(shard: Any) -> tuple:
+    return tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets,
+                                                 shard.tensor.shape))
+
+
+def _flatten(state: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, (torch.Tensor, ShardedTensor)):
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,300 @@
+"""Settings of the MEC pipeline: one frozen dataclass per stage, presets, config files, flags.
+
+Precedence, lowest first: the preset (``published`` unless told), a YAML or JSON config file,
+then ``key=value`` overrides with dotted keys (``compress.quantizer.codebook_size=64``). A config
+file holds the same nesting as :class:`Settings`::
+
+    model: {name: dlrm_dcn, embedding_dim: 16}
+    pretrain: {epochs: 2, batch_size: 1024}
+    compress: {min_rows: 1000, quantizer: {num_subspaces: 4, codebook_size: 64}}
+
+Unknown keys are errors that name the key (and the file), never silently ignored.
+"""
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import yaml
+from iopath.common.file_io import g_pathmgr
+
+from torchrec_mec.data import DEFAULT_MIN_COUNT, SyntheticConfig
+from torchrec_mec.models import ModelConfig
+from torchrec_mec.quantize.config import MECConfig
+
+DEFAULT_PRESET = "published"
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How a raw data set is encoded (``torchrec_mec.data.prepare_dataset``).
+
+    Args:
+        min_count (int): categorical values seen fewer times in the training split map to the
+            out-of-vocabulary id 0.
+        split (Tuple[float, float, float]): train, validation and test fractions.
+        seed (int): seed of the split (and of the synthetic generator).
+        max_rows (Optional[int]): read at most this many rows of the raw file.
+        bad_rows (str): ``"report"`` (skip and count malformed rows) or ``"fail"``.
+        synthetic (SyntheticConfig): the generator's settings for ``--format synthetic``.
+    """
+
+    min_count: int = DEFAULT_MIN_COUNT
+    split: Tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    max_rows: Optional[int] = None
+    bad_rows: str = "report"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Training of the CTR model (stage 1) or of the compressed model (stage 3).
+
+    Dense parameters train with Adam; embedding tables and codebooks with Adagrad (FBGEMM's
+    ``EXACT_ADAGRAD`` when a table is sharded, ``torch.optim.Adagrad`` otherwise; the two
+    are the same update). The loss is the mean binary cross-entropy over the global batch, so
+    N processes with ``batch_size / N`` rows each take the same steps as one process.
+
+    Args:
+        epochs (int): passes over the training split.
+        batch_size (int): global batch size (all ranks together); divisible by the world size.
+        dense_lr (float): Adam learning rate of the dense arch, interaction and over arch.
+        embedding_lr (float): Adagrad learning rate of embedding tables and codebooks.
+        seed (int): model initialisation and shuffling (epoch ``e`` shuffles with ``seed + e``).
+        checkpoint_every (int): also checkpoint every this many steps (0: at epoch ends only).
+    """
+
+    epochs: int = 1
+    batch_size: int = 8192
+    dense_lr: float = 1e-3
+    embedding_lr: float = 0.05
+    seed: int = 0
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 0:
+            raise ValueError(f"need epochs >= 1, batch_size >= 1, checkpoint_every >= 0: {self}")
+        if not (self.dense_lr > 0 and self.embedding_lr > 0):
+            raise ValueError(f"learning rates must be > 0: {self}")
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """Stage 2: which tables are product-quantized, and how.
+
+    Args:
+        min_rows (int): tables with at least this many rows are compressed; smaller ones stay
+            full (MEC's published code: 100,000). Must be >= the codebook size.
+        quantizer (MECConfig): M, K, losses and schedule of the quantizer.
+    """
+
+    min_rows: int = 100_000
+    quantizer: MECConfig = field(default_factory=MECConfig)
+
+    def __post_init__(self) -> None:
+        if self.min_rows < self.quantizer.codebook_size:
+            raise ValueError(f"compress.min_rows ({self.min_rows}) must be >= the codebook size "
+                             f"({self.quantizer.codebook_size}): a table needs at least K rows")
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """Stage 4 (and the per-epoch validation of stages 1 and 3).
+
+    Args:
+        batch_size (int): global batch size of evaluation.
+    """
+
+    batch_size: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the pipeline's stages read, one section per stage.
+
+    Example::
+
+        >>> s = load_settings("sample", overrides={"model.name": "deepfm", "pretrain.epochs": "1"})
+        >>> s.model.name, s.pretrain.epochs, s.compress.quantizer.num_subspaces
+        ('deepfm', 1, 4)
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSettings = field(default_factory=DataSettings)
+    pretrain: TrainSettings = field(default_factory=TrainSettings)
+    compress: CompressSettings = field(default_factory=CompressSettings)
+    finetune: TrainSettings = field(default_factory=TrainSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # MEC's published settings (the defaults of the dataclasses above): D = 40, M = 4, K = 256,
+    # tables of >= 100,000 rows compressed, the quantizer's published loss weights and batch.
+    DEFAULT_PRESET: {},
+    # The README demo: the 8k-row real samples (tables of 2 to ~600 rows after min_count 3) or
+    # a small generated set, in a few minutes on 2 cores. Compresses every table of >= 200 rows
+    # with M = 4, K = 32, which is what tables this small support.
+    "sample": {
+        "model": {"embedding_dim": 16, "dense_hidden_sizes": [64], "over_hidden_sizes": [64, 32],
+                  "dcn_num_layers": 2, "dcn_low_rank_dim": 16, "deepfm_dimension": 32},
+        "data": {"synthetic": {"num_rows": 40_000,
+                               "table_sizes": [20_000, 5_000, 2_000, 1_000, 500, 200, 100, 50,
+                                               20, 10, 5, 3]}},
+        "pretrain": {"epochs": 3, "batch_size": 256, "dense_lr": 1e-3, "embedding_lr": 0.05},
+        "compress": {"min_rows": 200,
+                     "quantizer": {"num_subspaces": 4, "codebook_size": 32, "epochs": 30,
+                                   "samples_per_epoch": 8192, "batch_size": 1024,
+                                   "holdout_rows": 1024}},
+        "finetune": {"epochs": 2, "batch_size": 256, "dense_lr": 5e-4, "embedding_lr": 0.02},
+        "evaluate": {"batch_size": 4096},
+    },
+}
+
+
+class SettingsError(ValueError):
+    """A preset, config file or override that does not fit :class:`Settings`; names the key."""
+
+
+def load_settings(
+    preset: str = DEFAULT_PRESET,
+    config_file: Optional[str] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+) -> Settings:
+    """Settings from a preset, then a YAML/JSON config file, then dotted-key overrides.
+
+    Args:
+        preset (str): a name in ``PRESETS``.
+        config_file (Optional[str]): iopath path of a YAML (``.yaml``/``.yml``) or JSON file.
+        overrides (Optional[Mapping[str, Any]]): ``{"section.key": value}``; string values are
+            parsed as YAML scalars or lists (``"64"`` is an int, ``"[64, 32]"`` a list).
+
+    Raises:
+        SettingsError: unknown preset or key, or a value of the wrong type; names it.
+    """
+    if preset not in PRESETS:
+        raise SettingsError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+    tree = _merge(_defaults(Settings), PRESETS[preset], f"preset {preset!r}")
+    if config_file is not None:
+        tree = _merge(tree, _read_config(config_file), f"config file {config_file}")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        tree = _merge(tree, _nest(key, value), f"override {key}")
+    return _build(Settings, tree, "")
+
+
+def settings_from_dict(tree: Mapping[str, Any]) -> Settings:
+    """Rebuilds :class:`Settings` from ``Settings.to_dict()`` (as recorded in artifacts)."""
+    return _build(Settings, _merge(_defaults(Settings), tree, "settings"), "")
+
+
+def _defaults(cls: Any) -> Dict[str, Any]:
+    """The class defaults as a tree (not ``asdict`` of an instance: values that
+    ``__post_init__`` derives, such as ``SyntheticConfig.interaction_pairs``, must stay unset
+    so they are derived again from the merged settings)."""
+    hints = typing.get_type_hints(cls)
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out[f.name] = _defaults(hints[f.name])
+        elif f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        else:
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def _read_config(path: str) -> Dict[str, Any]:
+    if not g_pathmgr.isfile(path):
+        raise SettingsError(f"config file {path}: not found")
+    with g_pathmgr.open(path, "r") as f:
+        text = f.read()
+    try:
+        tree = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SettingsError(f"config file {path}: cannot be parsed ({e})") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise SettingsError(f"config file {path}: must hold a mapping of sections")
+    return tree
+
+
+def _nest(key: str, value: Any) -> Dict[str, Any]:
+    tree: Dict[str, Any] = {}
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return tree
+
+
+def _merge(base: Dict[str, Any], update: Mapping[str, Any], source: str,
+           path: str = "") -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        where = f"{path}{key}"
+        if key not in base:
+            raise SettingsError(f"{source}: unknown setting {where!r}; known here: {sorted(base)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"{source}: {where!r} is a section, got {value!r}")
+            out[key] = _merge(base[key], value, source, where + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: Any, tree: Mapping[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {f.name: _coerce(hints[f.name], tree[f.name], f"{path}{f.name}")
+              for f in dataclasses.fields(cls)}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise SettingsError(f"settings {path.rstrip('.') or 'root'}: {e}") from None
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SettingsError(f"setting {where!r} must be a list, got {value!r}")
+        inner = args if len(args) != 2 or args[1] is not Ellipsis else (args[0],) * len(value)
+        if len(inner) != len(value):
+            raise SettingsError(f"setting {where!r} must have {len(inner)} entries, got {value!r}")
+        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(inner, value)))
+    if hint is Any:
+        return value
+    if hint in (int, float) and isinstance(value, str):
+        try:  # YAML reads "1e-3" as a string
+            value = hint(value)
+        except ValueError:
+            raise SettingsError(f"setting {where!r} must be a number, got {value!r}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise SettingsError(f"setting {where!r} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise SettingsError(f"setting {where!r} must be an integer, got {value!r}")
+    if not isinstance(value, hint):
+        raise SettingsError(f"setting {where!r} must be {hint.__name__}, got {value!r}")
+    return value

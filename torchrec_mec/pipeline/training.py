@@ -1,0 +1,295 @@
+"""The training loop shared by stage 1 (pre-training) and stage 3 (fine-tuning on codes).
+
+One loop, any world size: under torchrun the model is wrapped in ``DistributedModelParallel``
+(``parallel.shard_model``) and each rank reads its slice of every global batch. The loss a rank
+back-propagates is its *sum* of per-sample cross-entropies times ``world_size / global_batch``:
+DDP averages dense gradients over ranks and TorchRec divides sharded-table gradients by the world
+size (``comm_ops.GRADIENT_DIVISION``), so every parameter receives the gradient of the mean loss
+over the global batch, exactly as one process with the whole batch, uneven last batches included.
+
+A checkpoint is the full (unsharded) model state with the position (epoch, step) and the
+history, plus one optimizer-state file per rank (the optimizer's layout follows the sharding
+plan, so a checkpoint resumes with the world size that wrote it), all written through
+``artifacts.save_artifact`` (atomic, checksummed). A rerun with the same fingerprint resumes from
+the last one and ends in the state an uninterrupted run reaches.
+"""
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from iopath.common.file_io import g_pathmgr
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from tqdm import tqdm
+
+from torchrec_mec.artifacts import ArtifactError, load_artifact, save_artifact
+from torchrec_mec.data import CTRDataset
+from torchrec_mec.models import CTRModel
+from torchrec_mec.pipeline.evaluate import evaluate_model
+from torchrec_mec.pipeline.parallel import (
+    EMBEDDING_ADAGRAD_EPS,
+    DistContext,
+    barrier,
+    gather_state,
+    load_local_state,
+    load_state,
+    local_state,
+    shard_model,
+)
+from torchrec_mec.pipeline.settings import TrainSettings
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "mec_train_checkpoint"
+OPTIMIZER_KIND = "mec_optimizer_state"
+
+
+@dataclass
+class TrainHistory:
+    """What training measured, for the report's curves.
+
+    Args:
+        step_loss (List[float]): mean training loss over each global batch, step by step.
+        epochs (List[Dict[str, float]]): per epoch: ``epoch``, ``step`` (steps done),
+            ``train_loss`` (mean over the epoch's steps), ``val_auc``, ``val_logloss``.
+    """
+
+    step_loss: List[float] = field(default_factory=list)
+    epochs: List[Dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """Output of :func:`train_model`.
+
+    Args:
+        state (Optional[Dict[str, Tensor]]): the trained model's full state dict on rank 0
+            (``None`` on other ranks).
+        history (TrainHistory): losses and validation metrics.
+    """
+
+    state: Optional[Dict[str, torch.Tensor]]
+    history: TrainHistory
+
+
+def build_optimizer(module: nn.Module, settings: TrainSettings) -> Tuple[KeyedOptimizer,
+                                                                          List[KeyedOptimizer]]:
+    """Adam for dense parameters, Adagrad for embedding tables and codebooks.
+
+    Parameters of sharded tables are updated inside the backward pass by FBGEMM (the fused
+    optimizer ``DistributedModelParallel`` exposes); the rest get ordinary optimizers.
+
+    Returns:
+        (optimizer, own): the combined optimizer to step, and the non-fused parts (whose lazily
+        created state ``init_state`` must materialise before a checkpoint loads into it).
+    """
+    named = dict(in_backward_optimizer_filter(module.named_parameters()))
+    named = {k: p for k, p in named.items() if p.requires_grad}
+    embedding = {k: p for k, p in named.items() if "sparse_arch." in k}
+    dense = {k: p for k, p in named.items() if k not in embedding}
+    own: List[KeyedOptimizer] = []
+    if dense:
+        own.append(KeyedOptimizerWrapper(
+            dense, lambda ps: torch.optim.Adam(ps, lr=settings.dense_lr)))
+    if embedding:
+        own.append(KeyedOptimizerWrapper(
+            embedding, lambda ps: torch.optim.Adagrad(ps, lr=settings.embedding_lr,
+                                                      eps=EMBEDDING_ADAGRAD_EPS)))
+    parts: List[KeyedOptimizer] = list(own)
+    fused = getattr(module, "fused_optimizer", None)
+    if fused is not None:
+        parts.append(fused)
+    return CombinedOptimizer(parts), own
+
+
+def train_model(
+    model: CTRModel,
+    dataset: CTRDataset,
+    settings: TrainSettings,
+    *,
+    ctx: DistContext,
+    checkpoint_uri: str,
+    fingerprint: str,
+    eval_batch_size: int,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainResult:
+    """Trains ``model`` on the training split, validating after each epoch.
+
+    Args:
+        model (CTRModel): the unsharded model with its initial state (the same on every rank).
+        dataset (CTRDataset): the prepared data set.
+        settings (TrainSettings): epochs, global batch size, learning rates, seed, checkpointing.
+        ctx (DistContext): rank and world size (``parallel.init_distributed``).
+        checkpoint_uri (str): iopath URI of the checkpoint; resumed from if it exists with the
+            same ``fingerprint``, rewritten at every epoch end (and every
+            ``settings.checkpoint_every`` steps).
+        fingerprint (str): identifies the inputs and settings; a checkpoint with another one is
+            stale and ignored.
+        eval_batch_size (int): global batch size of the per-epoch validation.
+        desc (str): progress bar label.
+        progress (bool): show a tqdm bar (on rank 0).
+
+    Returns:
+        TrainResult: the full trained state (rank 0) and the history.
+
+    Raises:
+        ArtifactError: the checkpoint is corrupted (names the file).
+        ValueError: the checkpoint was written by another number of processes, or the batch
+            size does not divide by the world size.
+    """
+    if settings.batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {settings.batch_size} is not divisible by the world size "
+                         f"{ctx.world_size}")
+    local_batch = settings.batch_size // ctx.world_size
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    runner: nn.Module = model
+    if ctx.distributed:
+        runner = shard_model(model, ctx, settings.embedding_lr)
+        load_state(runner.state_dict(), initial, "the initial model")
+    runner.to(ctx.device)
+    optimizer, own = build_optimizer(runner, settings)
+
+    history = TrainHistory()
+    epoch, skip = 0, 0
+    resumed = _resume(checkpoint_uri, fingerprint, ctx, runner, optimizer, own)
+    if resumed is not None:
+        epoch, skip, history = resumed
+        logger.info("%s: resuming from %s (epoch %d, step %d)", desc, checkpoint_uri, epoch + 1, skip)
+    steps_per_epoch = dataset.num_batches("train", local_batch, world_size=ctx.world_size)
+    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + skip,
+               desc=desc, unit="step", disable=not (progress and ctx.is_main), dynamic_ncols=True)
+    while epoch < settings.epochs:
+        runner.train()
+        batches = dataset.batches("train", local_batch, shuffle=True, seed=settings.seed + epoch,
+                                  rank=ctx.rank, world_size=ctx.world_size)
+        for step, batch in enumerate(batches):
+            if step < skip:
+                continue
+            loss = _train_step(runner, optimizer, batch, ctx)
+            history.step_loss.append(loss)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
+            done = step + 1
+            if settings.checkpoint_every and done % settings.checkpoint_every == 0 \
+                    and done < steps_per_epoch:
+                _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, done, history)
+        skip = 0
+        epoch += 1
+        val = evaluate_model(runner, dataset, "val", eval_batch_size, ctx, progress=False)
+        epoch_losses = history.step_loss[-steps_per_epoch:]
+        history.epochs.append({"epoch": epoch, "step": len(history.step_loss),
+                               "train_loss": sum(epoch_losses) / len(epoch_losses),
+                               "val_auc": val.auc, "val_logloss": val.logloss})
+        if ctx.is_main:
+            logger.info("%s: epoch %d/%d train loss %.4f, val AUC %.4f, val logloss %.4f", desc,
+                        epoch, settings.epochs, history.epochs[-1]["train_loss"], val.auc,
+                        val.logloss)
+        _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history)
+    bar.close()
+    return TrainResult(state=gather_state(runner.state_dict(), ctx), history=history)
+
+
+def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any, ctx: DistContext) -> float:
+    """One optimizer step on this rank's slice of a global batch; returns the global mean loss."""
+    batch = batch.to(ctx.device)
+    logits = runner(batch.dense_features, batch.sparse_features)
+    per_sample = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels,
+                                                                reduction="none")
+    total = torch.stack([per_sample.sum().detach(),
+                         torch.tensor(float(per_sample.numel()), device=ctx.device)])
+    if ctx.distributed:
+        dist.all_reduce(total)
+    loss_sum, global_batch = float(total[0]), float(total[1])
+    loss = per_sample.sum() * (ctx.world_size / global_batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss_sum / global_batch
+
+
+def optimizer_checkpoint_uri(uri: str, step: int, rank: int) -> str:
+    """The file holding ``rank``'s optimizer state for the checkpoint ``uri`` taken at ``step``.
+
+    >>> optimizer_checkpoint_uri("runs/x/pretrain/checkpoint.mec", 40, 1)
+    'runs/x/pretrain/checkpoint.optim-step40-rank1.mec'
+    """
+    base = uri[: -len(".mec")] if uri.endswith(".mec") else uri
+    return f"{base}.optim-step{step}-rank{rank}.mec"
+
+
+def remove_checkpoint(uri: str) -> None:
+    """Removes the checkpoint ``uri`` and every optimizer file that belongs to it."""
+    folder, name = os.path.split(uri)
+    prefix = (name[: -len(".mec")] if name.endswith(".mec") else name) + ".optim-step"
+    if g_pathmgr.isdir(folder or "."):
+        for other in g_pathmgr.ls(folder or "."):
+            if other.startswith(prefix):
+                g_pathmgr.rm(os.path.join(folder, other))
+    if g_pathmgr.exists(uri):
+        g_pathmgr.rm(uri)
+
+
+def _save(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
+          optimizer: KeyedOptimizer, epoch: int, step: int, history: TrainHistory) -> None:
+    """Writes the checkpoint: each rank its optimizer state (sharded like the model), then rank 0
+    the full model state and the position, which names the optimizer files' step. A kill
+    between the two leaves the previous checkpoint and its optimizer files intact."""
+    global_step = len(history.step_loss)
+    save_artifact(optimizer_checkpoint_uri(uri, global_step, ctx.rank),
+                  local_state(optimizer.state_dict()["state"]),
+                  {"fingerprint": fingerprint, "step": global_step, "rank": ctx.rank,
+                   "world_size": ctx.world_size}, OPTIMIZER_KIND)
+    model_state = gather_state(runner.state_dict(), ctx)
+    barrier(ctx)
+    if ctx.is_main:
+        assert model_state is not None
+        previous = _checkpoint_step(uri)
+        meta = {"fingerprint": fingerprint, "world_size": ctx.world_size, "epoch": epoch,
+                "step": step, "global_step": global_step, "history": history.to_dict()}
+        save_artifact(uri, model_state, meta, CHECKPOINT_KIND)
+        if previous is not None and previous != global_step:
+            for rank in range(ctx.world_size):
+                old = optimizer_checkpoint_uri(uri, previous, rank)
+                if g_pathmgr.exists(old):
+                    g_pathmgr.rm(old)
+    barrier(ctx)
+
+
+def _checkpoint_step(uri: str) -> Optional[int]:
+    if not g_pathmgr.exists(uri):
+        return None
+    try:
+        return int(load_artifact(uri, expect_kind=CHECKPOINT_KIND)[1]["global_step"])
+    except ArtifactError:
+        return None
+
+
+def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
+            optimizer: KeyedOptimizer, own: List[KeyedOptimizer]
+            ) -> Optional[Tuple[int, int, TrainHistory]]:
+    """Loads the checkpoint at ``uri`` into ``runner`` and ``optimizer`` if it matches."""
+    if not g_pathmgr.exists(uri):
+        return None
+    model_state, meta = load_artifact(uri, expect_kind=CHECKPOINT_KIND)
+    if meta["fingerprint"] != fingerprint:
+        if ctx.is_main:
+            logger.warning("%s was written for other inputs or settings; starting over", uri)
+        return None
+    if meta["world_size"] != ctx.world_size:
+        raise ValueError(f"checkpoint {uri} was written by {meta['world_size']} processes; "
+                         f"resume it with {meta['world_size']}, or start over with --force")
+    optim_uri = optimizer_checkpoint_uri(uri, meta["global_step"], ctx.rank)
+    optim_state, _ = load_artifact(optim_uri, expect_kind=OPTIMIZER_KIND)
+    for part in own:
+        part.init_state()  # Adam's state is lazy: make it so the checkpoint can fill it
+    load_state(runner.state_dict(), model_state, f"checkpoint {uri}")
+    load_local_state(optimizer.state_dict()["state"], optim_state, f"checkpoint {optim_uri}")
+    return meta["epoch"], meta["step"], TrainHistory(**meta["history"])

@@ -1,0 +1,500 @@
+"""quantize_table: one embedding table and its id counts in, packed codes and codebooks out."""
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+from iopath.common.file_io import g_pathmgr
+from tqdm import tqdm
+
+from torchrec_mec.artifacts import load_artifact, save_artifact
+from torchrec_mec.modules.quantized_embedding_configs import code_dtype
+from torchrec_mec.quantize.config import MECConfig
+from torchrec_mec.quantize.kmeans import nearest_codewords, search_chunk_rows, weighted_sample
+from torchrec_mec.quantize.losses import (
+    commitment_loss,
+    contrastive_loss,
+    reconstruction_loss,
+    mean_soft_assignment,
+    semi_synthetic_negatives,
+    usage_kl,
+    usage_regularizer,
+)
+from torchrec_mec.quantize.model import MECQuantizer, QuantizerOutput
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "mec_quantizer_checkpoint"
+POPULAR_FRACTION = 0.01  # stats: "popular" ids are the top 1% by count
+RARE_FRACTION = 0.5  # stats: "rare" ids are the bottom 50% by count
+_MIN_IMPROVEMENT = 1e-4  # relative held-out improvement that resets early-stopping patience
+_EVAL_SEED_OFFSET = 0x5EED  # held-out negatives: one fixed draw, so epochs compare fairly
+
+
+@dataclass
+class QuantizeStats:
+    """What :func:`quantize_table` measured. Errors are per-element MSE in embedding space.
+
+    Args:
+        num_rows (int): N.
+        dim (int): D.
+        num_subspaces (int): M.
+        codebook_size (int): K.
+        mse (float): mean over all rows of ``||e_i - q_i||^2 / D``.
+        weighted_mse (float): the same, popularity-weighted (the training objective).
+        mse_popular (float): over the top 1% of ids by count.
+        mse_rare (float): over the bottom 50% of ids by count.
+        relative_mse (float): ``mse`` divided by the table's per-element variance (1.0 is no
+            better than predicting the mean row).
+        perplexity (List[float]): per codebook, exp of the entropy of code usage over all rows
+            (K is uniform use, 1 is a single codeword).
+        dead_codewords (List[int]): per codebook, codewords no row uses.
+        epochs_run (int): training epochs done (the rest were cut by early stopping).
+        best_epoch (int): the epoch whose state was kept (0: the k-means initialisation).
+        heldout_loss (List[float]): held-out loss after initialisation and after each epoch.
+        resumed_from_epoch (int): epoch of the checkpoint this run resumed from (0: none).
+        seconds (float): wall time of training and encoding, summed over resumed runs.
+    """
+
+    num_rows: int
+    dim: int
+    num_subspaces: int
+    codebook_size: int
+    mse: float
+    weighted_mse: float
+    mse_popular: float
+    mse_rare: float
+    relative_mse: float
+    perplexity: List[float]
+    dead_codewords: List[int]
+    epochs_run: int
+    best_epoch: int
+    heldout_loss: List[float]
+    resumed_from_epoch: int
+    seconds: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class QuantizeResult(NamedTuple):
+    """Output of :func:`quantize_table`; loads as one table's state of a
+    ``QuantizedEmbeddingBagCollection``.
+
+    Args:
+        codes (Tensor): [N, M] in ``code_dtype(K)`` (uint8 for K <= 256, else uint16).
+        codebooks (Tensor): [M, K, D / M] float32; row i is ``concat_m codebooks[m, codes[i, m]]``.
+        stats (QuantizeStats): errors, code usage, epochs, time.
+    """
+
+    codes: torch.Tensor
+    codebooks: torch.Tensor
+    stats: QuantizeStats
+
+
+def popularity_weights(counts: torch.Tensor) -> torch.Tensor:
+    """MEC's row weights: ``max(1, floor(log2 count))``, float32 [N].
+
+    Example::
+
+        >>> popularity_weights(torch.tensor([0, 1, 2, 3, 4, 1000])).tolist()
+        [1.0, 1.0, 1.0, 1.0, 2.0, 9.0]
+    """
+    return torch.log2(counts.double().clamp_min(1)).floor().clamp_min(1).float()
+
+
+def quantize_table(
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    config: MECConfig,
+    *,
+    name: str = "table",
+    checkpoint_uri: Optional[str] = None,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Product-quantizes one trained embedding table with MEC.
+
+    Steps: a popularity-weighted sample initialises the codebooks (k-means++ and Lloyd); each
+    epoch trains the encoder (straight-through estimator, commitment term) and the codebooks
+    on ``samples_per_epoch`` rows drawn by popularity, with the code-usage regularizer and the
+    contrastive term; dead codewords are re-seeded; the held-out loss decides early stopping
+    and which epoch's state is kept; finally every row is encoded chunk by chunk.
+
+    Args:
+        weight (Tensor): [N, D] float table (the pretrained embeddings).
+        counts (Tensor): [N] occurrence count of each id in the training data (>= 0).
+        config (MECConfig): M, K, loss weights, schedule and seed.
+        name (str): table name, used in errors, logs and progress bars.
+        checkpoint_uri (Optional[str]): iopath URI of a per-epoch checkpoint. If it exists and
+            matches this table and config, training resumes from it; it is rewritten after every
+            epoch. The caller removes it when done (the driver does).
+        progress (bool): show tqdm progress bars.
+
+    Returns:
+        QuantizeResult: packed codes [N, M], codebooks [M, K, D/M] in embedding space, stats.
+
+    Raises:
+        ValueError: bad input; the message names the table.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> table, counts = torch.randn(2000, 16, generator=g), torch.randint(0, 100, (2000,))
+        >>> cfg = MECConfig(num_subspaces=4, codebook_size=16, epochs=2, samples_per_epoch=1024,
+        ...                 batch_size=512)
+        >>> res = quantize_table(table, counts, cfg, name="demo", progress=False)
+        >>> res.codes.dtype, tuple(res.codes.shape), tuple(res.codebooks.shape)
+        (torch.uint8, (2000, 4), (4, 16, 4))
+    """
+    _validate(weight, counts, config, name)
+    started = time.perf_counter()
+    n, dim = weight.shape
+    weight = weight.detach()
+    generator = torch.Generator().manual_seed(config.seed)
+    pop = popularity_weights(counts) if config.popularity_weighting else torch.ones(n)
+    num_holdout = min(config.holdout_rows, n // 10) if config.early_stopping_patience else 0
+    holdout = torch.randperm(n, generator=generator)[:num_holdout].sort().values
+    train_weights = pop.clone()
+    train_weights[holdout] = 0
+    model = MECQuantizer(
+        dim, config.num_subspaces, config.codebook_size, config.encoder, generator=generator
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    fingerprint = table_fingerprint(weight, counts, config)
+
+    state = _load_checkpoint(checkpoint_uri, fingerprint, model, optimizer, generator, name)
+    resumed_from = state.epoch if state is not None else 0
+    if state is None:
+        # Weighted draws with replacement: beyond a few times N they only repeat rows.
+        sample_size = min(config.kmeans_points_per_centroid * config.codebook_size, 4 * n)
+        sample = weight[weighted_sample(train_weights, sample_size, generator)]
+        model.init_from_sample(sample, config.kmeans_iters, generator, config.kmeans_init)
+        del sample
+        state = _TrainState(best_state=_copy_state(model))
+        if num_holdout:
+            state.history.append(_heldout_loss(model, weight, holdout, pop[holdout], config))
+            state.best_loss = state.history[0]
+    else:
+        logger.info("table %r: resuming from the checkpoint of epoch %d", name, state.epoch)
+
+    bar = tqdm(total=config.epochs, initial=state.epoch, desc=f"MEC {name}", unit="epoch",
+               disable=not progress, leave=False)
+    while not state.done:
+        state.epoch += 1
+        train_loss = _train_epoch(model, optimizer, weight, train_weights, config, generator)
+        if num_holdout:
+            loss = _heldout_loss(model, weight, holdout, pop[holdout], config)
+            state.history.append(loss)
+            if loss < state.best_loss * (1 - _MIN_IMPROVEMENT):
+                state.best_loss, state.best_epoch, state.bad_epochs = loss, state.epoch, 0
+                state.best_state = _copy_state(model)
+            else:
+                state.bad_epochs += 1
+            bar.set_postfix(train=f"{train_loss:.4f}", heldout=f"{loss:.4f}")
+        else:
+            state.best_epoch, state.best_state = state.epoch, _copy_state(model)
+            bar.set_postfix(train=f"{train_loss:.4f}")
+        state.done = state.epoch >= config.epochs or (
+            num_holdout > 0 and state.bad_epochs >= config.early_stopping_patience
+        )
+        state.seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        if checkpoint_uri is not None:
+            _save_checkpoint(checkpoint_uri, fingerprint, model, optimizer, generator, state, name)
+        bar.update(1)
+    bar.close()
+
+    model.load_state_dict(state.best_state)
+    codes, row_error = _encode_all(model, weight, config, name, progress)
+    stats = _statistics(weight, counts, pop, codes, row_error, config, state, resumed_from)
+    stats.seconds = state.seconds + time.perf_counter() - started
+    return QuantizeResult(codes=codes, codebooks=model.export_codebooks(), stats=stats)
+
+
+def table_fingerprint(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig) -> str:
+    """A cheap digest of (config, shape, a strided sample of rows and counts): tells a matching
+    checkpoint or finished artifact from a stale one."""
+    n = weight.shape[0]
+    idx = torch.linspace(0, n - 1, min(n, 4096)).long()
+    h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    h.update(str(tuple(weight.shape)).encode())
+    h.update(weight[idx].float().contiguous().numpy().tobytes())
+    h.update(counts[idx].double().contiguous().numpy().tobytes())
+    h.update(str(float(counts.double().sum())).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _TrainState:
+    best_state: Dict[str, torch.Tensor]
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    done: bool = False
+    history: List[float] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, name: str) -> None:
+    def fail(what: str) -> None:
+        raise ValueError(f"table {name!r}: {what}")
+
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight)
+        fail(f"weight must be a 2-D float tensor [N, D], got {got}")
+    n, dim = weight.shape
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != n:
+        got = list(counts.shape) if isinstance(counts, torch.Tensor) else type(counts)
+        fail(f"counts must be a 1-D tensor of length N={n}, got {got}")
+    if counts.is_complex() or counts.dtype == torch.bool:
+        fail(f"counts must be integer or float, got {counts.dtype}")
+    if bool((counts < 0).any()) or (counts.is_floating_point() and not bool(counts.isfinite().all())):
+        fail("counts must be finite and >= 0")
+    if dim % config.num_subspaces:
+        fail(f"dim {dim} is not divisible by num_subspaces {config.num_subspaces}")
+    if config.codebook_size > n:
+        fail(f"codebook_size {config.codebook_size} exceeds the number of rows {n}")
+    if not bool(weight.isfinite().all()):
+        fail("weight has NaN or infinite values")
+
+
+def _mec_loss(
+    model: MECQuantizer,
+    x: torch.Tensor,
+    config: MECConfig,
+    generator: torch.Generator,
+    weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, QuantizerOutput]:
+    """Loss of a batch of standardised rows without the usage term, and the quantizer's output
+    (its logits carry gradient when ``reg_weight`` > 0). The usage term is a function of a set
+    of rows (the training batch, the whole held-out set), so the callers add it."""
+    tau = model.distortion * config.usage_temperature if config.reg_weight else None
+    out = model(x, tau)
+    # Straight-through: value q; gradient to z (encoder) and to q (codebooks), which live in
+    # x's space, so the reconstruction term trains them directly (no separate codebook term).
+    q_st = out.q + (out.z - out.z.detach())
+    loss = reconstruction_loss(x, q_st, weights)
+    if model.encoder is not None and config.commitment_weight:
+        loss = loss + config.commitment_weight * commitment_loss(out.z, out.q, weights)
+    if config.contrastive_weight:
+        neg = semi_synthetic_negatives(
+            out.codes, config.codebook_size, config.num_negatives, generator
+        )
+        loss = loss + config.contrastive_weight * contrastive_loss(
+            out.z, out.q, model.lookup(neg), config.contrastive_temperature, weights
+        )
+    return loss, out
+
+
+def _train_epoch(
+    model: MECQuantizer,
+    optimizer: torch.optim.Optimizer,
+    weight: torch.Tensor,
+    train_weights: torch.Tensor,
+    config: MECConfig,
+    generator: torch.Generator,
+) -> float:
+    """One epoch over ``samples_per_epoch`` rows drawn by popularity; returns the mean loss."""
+    m, k = config.num_subspaces, config.codebook_size
+    rows = weighted_sample(train_weights, config.samples_per_epoch, generator)
+    usage = torch.zeros(m * k, dtype=torch.long)
+    offsets = torch.arange(m) * k
+    total, steps = 0.0, 0
+    for start in range(0, rows.numel(), config.batch_size):
+        x = model.standardize(weight[rows[start : start + config.batch_size]])
+        loss, out = _mec_loss(model, x, config, generator)
+        if config.reg_weight:
+            loss = loss + config.reg_weight * usage_regularizer(out.logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        usage += torch.bincount((out.codes + offsets).flatten(), minlength=m * k)
+        total, steps = total + float(loss.detach()), steps + 1
+    if config.reseed_dead:
+        _reseed_dead(model, optimizer, usage.view(m, k), out.z.detach(), generator)
+    return total / steps
+
+
+@torch.no_grad()
+def _reseed_dead(
+    model: MECQuantizer,
+    optimizer: torch.optim.Optimizer,
+    usage: torch.Tensor,
+    z: torch.Tensor,
+    generator: torch.Generator,
+) -> None:
+    """Moves codewords no row chose this epoch onto sub-vectors of the last batch, drawn in
+    proportion to their quantization error, and clears their Adam moments."""
+    m_all = model.num_subspaces
+    zs = z.view(-1, m_all, model.sub_dim)
+    codes = nearest_codewords(z, model.codebooks)
+    err = (zs - model.codebooks[torch.arange(m_all), codes]).pow(2).sum(-1)  # [B, M]
+    adam = optimizer.state.get(model.codebooks, {})
+    for m in range(m_all):
+        dead = (usage[m] == 0).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            continue
+        w = err[:, m]
+        if float(w.sum()) <= 0:
+            w = torch.ones_like(w)
+        replace = dead.numel() > int((w > 0).sum())
+        pick = torch.multinomial(w, dead.numel(), replacement=replace, generator=generator)
+        model.codebooks[m, dead] = zs[pick, m]
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in adam:
+                adam[key][m, dead] = 0
+
+
+@torch.no_grad()
+def _heldout_loss(
+    model: MECQuantizer,
+    weight: torch.Tensor,
+    holdout: torch.Tensor,
+    weights: torch.Tensor,
+    config: MECConfig,
+) -> float:
+    """The training objective on the held-out rows, popularity-weighted, with one fixed draw of
+    negatives; the usage term is the KL of the whole held-out set's mean soft assignment."""
+    generator = torch.Generator().manual_seed(config.seed + _EVAL_SEED_OFFSET)
+    weighted_loss = 0.0
+    usage = torch.zeros(config.num_subspaces, config.codebook_size)
+    for start in range(0, holdout.numel(), config.batch_size):
+        w = weights[start : start + config.batch_size]
+        x = model.standardize(weight[holdout[start : start + config.batch_size]])
+        loss, out = _mec_loss(model, x, config, generator, w)
+        if config.reg_weight:
+            usage += mean_soft_assignment(out.logits, w) * w.sum()
+        weighted_loss += float(loss) * float(w.sum())
+    total = weighted_loss / float(weights.sum())
+    if config.reg_weight:
+        total += config.reg_weight * float(usage_kl(usage / weights.sum()))
+    return total
+
+
+@torch.no_grad()
+def _encode_all(
+    model: MECQuantizer, weight: torch.Tensor, config: MECConfig, name: str, progress: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes [N, M] of every row and each row's squared error per element [N]."""
+    n = weight.shape[0]
+    chunk = search_chunk_rows(config.num_subspaces, config.codebook_size)
+    codes = torch.empty(n, config.num_subspaces, dtype=code_dtype(config.codebook_size))
+    row_error = torch.empty(n)
+    with tqdm(total=n, desc=f"encode {name}", unit="row", unit_scale=True,
+              disable=not progress, leave=False) as bar:
+        for start in range(0, n, chunk):
+            rows = weight[start : start + chunk]
+            c = model.compute_codes(rows, chunk_rows=chunk)
+            codes[start : start + chunk] = c.to(codes.dtype)
+            row_error[start : start + chunk] = (rows.float() - model.decode(c)).pow(2).mean(1)
+            bar.update(rows.shape[0])
+    return codes, row_error
+
+
+def _statistics(
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    pop: torch.Tensor,
+    codes: torch.Tensor,
+    row_error: torch.Tensor,
+    config: MECConfig,
+    state: _TrainState,
+    resumed_from: int,
+) -> QuantizeStats:
+    n, dim = weight.shape
+    order = torch.argsort(counts, stable=True)  # ascending count, ties by row index
+    popular = order[n - max(1, math.ceil(POPULAR_FRACTION * n)) :]
+    rare = order[: max(1, int(RARE_FRACTION * n))]
+    perplexity, dead = [], []
+    for m in range(config.num_subspaces):
+        use = torch.bincount(codes[:, m].long(), minlength=config.codebook_size).double()
+        p = use[use > 0] / n
+        perplexity.append(float(torch.exp(-(p * p.log()).sum())))
+        dead.append(int((use == 0).sum()))
+    variance = float(weight.float().var(dim=0, unbiased=False).mean())
+    mse = float(row_error.double().mean())
+    return QuantizeStats(
+        num_rows=n,
+        dim=dim,
+        num_subspaces=config.num_subspaces,
+        codebook_size=config.codebook_size,
+        mse=mse,
+        weighted_mse=float((row_error.double() * pop).sum() / pop.double().sum()),
+        mse_popular=float(row_error[popular].double().mean()),
+        mse_rare=float(row_error[rare].double().mean()),
+        relative_mse=mse / variance if variance > 0 else 0.0,
+        perplexity=perplexity,
+        dead_codewords=dead,
+        epochs_run=state.epoch,
+        best_epoch=state.best_epoch,
+        heldout_loss=list(state.history),
+        resumed_from_epoch=resumed_from,
+        seconds=0.0,
+    )
+
+
+def _copy_state(model: MECQuantizer) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _save_checkpoint(
+    uri: str,
+    fingerprint: str,
+    model: MECQuantizer,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    state: _TrainState,
+    name: str,
+) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"best.{k}": v for k, v in state.best_state.items()})
+    for i, param_state in optimizer.state_dict()["state"].items():
+        tensors.update({f"optim.{i}.{k}": v for k, v in param_state.items()})
+    tensors["generator"] = generator.get_state()
+    meta = {
+        "table": name,
+        "fingerprint": fingerprint,
+        **{k: v for k, v in dataclasses.asdict(state).items() if k != "best_state"},
+    }
+    save_artifact(uri, tensors, meta, CHECKPOINT_KIND)
+
+
+def _load_checkpoint(
+    uri: Optional[str],
+    fingerprint: str,
+    model: MECQuantizer,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    name: str,
+) -> Optional[_TrainState]:
+    """Restores model, optimizer and generator from ``uri``; None if there is no matching one.
+
+    A corrupted checkpoint raises ``ArtifactError`` (never silently restarted over)."""
+    if uri is None or not g_pathmgr.exists(uri):
+        return None
+    tensors, meta = load_artifact(uri, expect_kind=CHECKPOINT_KIND)
+    if meta["fingerprint"] != fingerprint:
+        logger.warning("table %r: checkpoint %s is for other data or config; starting over",
+                       name, uri)
+        return None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optim_state: Dict[int, Dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, field = key.split(".", 2)
+            optim_state.setdefault(int(index), {})[field] = value
+    optimizer.load_state_dict(
+        {"state": optim_state, "param_groups": optimizer.state_dict()["param_groups"]}
+    )
+    generator.set_state(tensors["generator"])
+    fields = {f.name for f in dataclasses.fields(_TrainState)} - {"best_state"}
+    return _TrainState(
+        best_state={k[5:]: v for k, v in tensors.items() if k.startswith("best.")},
+        **{k: meta[k] for k in fields},
+    )
