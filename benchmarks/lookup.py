@@ -22,8 +22,9 @@ Memory: "stored" is the tables (and optimizer state: none for SGD); "peak" is th
 a step allocates beyond that (torch's CPU allocator, via the profiler): outputs, saved tensors,
 gradients, temporaries. The upstream gradient of the pooled output is allocated once, outside.
 
-    PYTHONPATH=. python benchmarks/lookup.py --quick   # smoke test, well under a minute
-    PYTHONPATH=. python benchmarks/lookup.py           # the figures in docs/performance.md
+    PYTHONPATH=. python benchmarks/lookup.py --quick     # smoke test, well under a minute
+    PYTHONPATH=. python benchmarks/lookup.py             # the figures in docs/performance.md
+    PYTHONPATH=. python benchmarks/lookup.py --profile   # where the QEBC's time goes (profiler)
 """
 import argparse
 import gc
@@ -167,10 +168,34 @@ def report(case: str, ours: Method, baselines: List[Method], rows: List[str]) ->
         )
 
 
+def profile_qebc(qebc: QuantizedEmbeddingBagCollection, batches, upstream: torch.Tensor) -> None:
+    """torch.profiler tables of QEBC training steps, before (FBGEMM TBE path) and now."""
+    opt = torch.optim.SGD(qebc.parameters(), lr=0.01)
+
+    def before(kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return qebc._tbe_forward(qebc._split(qebc._in_table_order(kjt)))
+
+    for name, forward in [("before: FBGEMM TBE path", before),
+                          ("now: compiled operator", lambda kjt: qebc(kjt).values())]:
+        def steps() -> None:
+            for kjt in batches:
+                forward(kjt).backward(upstream)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        steps()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            steps()
+        print(f"## QEBC training step, {name}: {len(batches)} steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small tables: a smoke test")
     parser.add_argument("--ids-per-bag", type=int, nargs="+", help="override the cases")
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile QEBC training steps, before and now")
     args = parser.parse_args()
     setup = QUICK if args.quick else FULL
     ids_per_bag = args.ids_per_bag or setup.ids_per_bag
@@ -186,6 +211,14 @@ def main() -> None:
           f"{setup.rows_cap:,}: {dense_bytes / 2**30:.2f} GiB as float32; "
           f"{sum(c.compressed for c in configs)} product-quantized (M=8, K=256), the rest full; "
           f"batch {setup.batch}, Zipf ids")
+
+    if args.profile:
+        qebc = QuantizedEmbeddingBagCollection(configs)
+        for L in ids_per_bag:
+            batches = make_batches(configs, setup.batch, L, setup.num_batches, seed=L)
+            print(f"# {L} ids per bag")
+            profile_qebc(qebc, batches, torch.randn(setup.batch, setup.dim * len(configs)))
+        return
 
     # Dense tables: one FBGEMM TBE owns the weights; the EBC's parameters are views of them.
     tbe = SplitTableBatchedEmbeddingBagsCodegen(

@@ -3,7 +3,6 @@ import collections
 import datetime
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from torchrec_mec.data import AVAZU_COLUMNS, DataFormatError, prepare_dataset

@@ -26,12 +26,13 @@ def flat(batches):
     return dense, ids, labels
 
 
-@pytest.mark.parametrize("world_size", [2, 3, 4])
+# 830 train rows: (4, 207) leaves a last global batch of 2 rows for 4 ranks (merged).
+@pytest.mark.parametrize("world_size,local", [(2, 64), (3, 64), (4, 64), (4, 207)])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("drop_last", [False, True])
-def test_rank_slices_concatenate_to_the_single_process_batch(ds, world_size, shuffle,
+def test_rank_slices_concatenate_to_the_single_process_batch(ds, world_size, local, shuffle,
                                                              drop_last):
-    local = 64
+    assert ds.num_rows("train") == 830
     single = list(ds.batches("train", local * world_size, shuffle=shuffle, seed=3,
                              drop_last=drop_last))
     per_rank = [list(ds.batches("train", local, shuffle=shuffle, seed=3, rank=r,
@@ -40,8 +41,7 @@ def test_rank_slices_concatenate_to_the_single_process_batch(ds, world_size, shu
     assert len({len(p) for p in per_rank}) == 1  # every rank takes the same number of steps
     assert len(per_rank[0]) == ds.num_batches("train", local, world_size=world_size,
                                               drop_last=drop_last)
-    merged = len(single) != len(per_rank[0])
-    if merged:  # a last global batch shorter than world_size rows joins the previous one
+    if len(single) != len(per_rank[0]):  # a last batch of < world_size rows joins the one before
         single = single[:-2] + [single[-2:]]
     for step, batch in enumerate(single):
         parts = [p[step] for p in per_rank]

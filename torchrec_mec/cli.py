@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"base settings (default {DEFAULT_PRESET!r}: MEC's published "
                                 "settings; 'sample': the small demo)")
             p.add_argument("--config", metavar="FILE", help="YAML or JSON settings file")
-            p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                           help="override one setting, e.g. finetune.epochs=2 (repeatable)")
+            p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                           help="override settings, e.g. --set finetune.epochs=2 "
+                                "model.name=deepfm (repeatable)")
             p.add_argument("--model", choices=MODEL_NAMES, help="model.name")
             p.add_argument("--seed", type=int,
                            help="pretrain.seed, finetune.seed and compress.quantizer.seed")
@@ -110,9 +111,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+    # TorchRec and FBGEMM log every table at INFO; show theirs from WARNING, ours from INFO.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s",
                         datefmt="%H:%M:%S", force=True)
+    logging.getLogger("torchrec_mec").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         return _dispatch(args)
     except SettingsError as e:

@@ -36,15 +36,20 @@ def _settings():
     return load_settings("sample", overrides=OVERRIDES)
 
 
-def _stages_on_ranks(rank: int, world_size: int, run_dir: str, ref_dir: str) -> None:
+def _stage1_2_on_ranks(rank: int, world_size: int, run_dir: str, ref_dir: str) -> None:
     torch.manual_seed(1234 + rank)  # the stages must not depend on the global RNG state
     settings = _settings()
-    data = os.path.join(ref_dir, "data")
-    pretrain(data, os.path.join(run_dir, "pretrain"), settings, progress=False)
-    # Stage 3 starts from the reference run's stage-1 and stage-2 outputs, so that it is
-    # compared on identical inputs.
+    pretrain(os.path.join(ref_dir, "data"), os.path.join(run_dir, "pretrain"), settings,
+             progress=False)
+    # Stage 2 (and 3 below) start from the reference run's outputs, to compare on equal inputs.
     compress(os.path.join(ref_dir, "pretrain"), os.path.join(run_dir, "compress"), settings,
              progress=False)
+
+
+def _stage3_4_on_ranks(rank: int, world_size: int, run_dir: str, ref_dir: str) -> None:
+    torch.manual_seed(1234 + rank)
+    settings = _settings()
+    data = os.path.join(ref_dir, "data")
     finetune(data, os.path.join(ref_dir, "pretrain"), os.path.join(ref_dir, "compress"),
              os.path.join(run_dir, "finetune"), settings, progress=False)
     evaluate(data, os.path.join(run_dir, "pretrain"), os.path.join(run_dir, "finetune"),
@@ -52,28 +57,45 @@ def _stages_on_ranks(rank: int, world_size: int, run_dir: str, ref_dir: str) -> 
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def reference(tmp_path_factory):
+    """The 1-process run (one torch thread, as each rank has: same kernels, same rounding)."""
     root = tmp_path_factory.mktemp("mp")
-    ref, two = str(root / "one"), str(root / "two")
+    ref = str(root / "one")
     settings = _settings()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank has (run_on_ranks): same kernels, same rounding
-    prepare_dataset(None, "synthetic", os.path.join(ref, "data"), progress=False,
-                    synthetic=SyntheticConfig(num_rows=3000, table_sizes=(800, 400, 30, 5),
-                                              num_dense=3))
-    pretrain(os.path.join(ref, "data"), os.path.join(ref, "pretrain"), settings, progress=False)
-    compress(os.path.join(ref, "pretrain"), os.path.join(ref, "compress"), settings,
-             progress=False)
-    finetune(os.path.join(ref, "data"), os.path.join(ref, "pretrain"),
-             os.path.join(ref, "compress"), os.path.join(ref, "finetune"), settings,
-             progress=False)
-    evaluate(os.path.join(ref, "data"), os.path.join(ref, "pretrain"),
-             os.path.join(ref, "finetune"), os.path.join(ref, "evaluate"), settings,
-             progress=False)
-    torch.set_num_threads(threads)
-    run_on_ranks(_stages_on_ranks, two, ref, world_size=2)
-    yield ref, two
+    torch.set_num_threads(1)
+    try:
+        prepare_dataset(None, "synthetic", os.path.join(ref, "data"), progress=False,
+                        synthetic=SyntheticConfig(num_rows=3000, table_sizes=(800, 400, 30, 5),
+                                                  num_dense=3))
+        pretrain(os.path.join(ref, "data"), os.path.join(ref, "pretrain"), settings,
+                 progress=False)
+        compress(os.path.join(ref, "pretrain"), os.path.join(ref, "compress"), settings,
+                 progress=False)
+        finetune(os.path.join(ref, "data"), os.path.join(ref, "pretrain"),
+                 os.path.join(ref, "compress"), os.path.join(ref, "finetune"), settings,
+                 progress=False)
+        evaluate(os.path.join(ref, "data"), os.path.join(ref, "pretrain"),
+                 os.path.join(ref, "finetune"), os.path.join(ref, "evaluate"), settings,
+                 progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    yield ref, str(root / "two")
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stage1_2(reference):
+    ref, two = reference
+    run_on_ranks(_stage1_2_on_ranks, two, ref, world_size=2)
+    return ref, two
+
+
+@pytest.fixture(scope="module")
+def stage3_4(stage1_2):
+    ref, two = stage1_2
+    run_on_ranks(_stage3_4_on_ranks, two, ref, world_size=2)
+    return ref, two
 
 
 def _assert_same_history(a, b):
@@ -95,17 +117,25 @@ def _assert_same_state(a, b):
             assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
-def test_two_ranks_train_like_one(runs, stage):
-    ref, two = runs
+def _assert_same_model(ref, two, stage):
     model_one, meta_one = load_model(os.path.join(ref, stage))
     model_two, meta_two = load_model(os.path.join(two, stage))
     _assert_same_history(meta_one["history"], meta_two["history"])
     _assert_same_state(model_one, model_two)
 
 
-def test_two_ranks_same_test_metrics(runs):
-    ref, two = runs
+def test_two_ranks_pretrain_like_one(stage1_2):
+    """Stage 1: DMP with TorchRec's EBC sharder, 2 x 64 rows per step vs 1 x 128."""
+    _assert_same_model(*stage1_2, "pretrain")
+
+
+def test_two_ranks_finetune_like_one(stage3_4):
+    """Stage 3: DMP with the QEBC sharder on the same codes and codebooks."""
+    _assert_same_model(*stage3_4, "finetune")
+
+
+def test_two_ranks_same_test_metrics(stage3_4):
+    ref, two = stage3_4
     one = read_metrics(os.path.join(ref, "evaluate", "metrics.mec"))
     other = read_metrics(os.path.join(two, "evaluate", "metrics.mec"))
     for model in ("baseline", "mec"):
@@ -115,9 +145,9 @@ def test_two_ranks_same_test_metrics(runs):
     assert other["memory"] == one["memory"]
 
 
-def test_two_ranks_compress_like_one(runs):
+def test_two_ranks_compress_like_one(stage1_2):
     """Stage 2 spreads tables over the ranks; each table's codes match the 1-process run."""
-    ref, two = runs
+    ref, two = stage1_2
     one, other = load_compressed(os.path.join(ref, "compress")), \
         load_compressed(os.path.join(two, "compress"))
     assert sorted(one) == sorted(other) == ["t_C1", "t_C2"]

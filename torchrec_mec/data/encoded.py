@@ -9,17 +9,20 @@ Layout of a prepared directory (docs/data.md has the details)::
     {train,val,test}/probabilities.npy float32 [N], synthetic data only: the planted P(click)
     vocab/<feature>.npy                unicode [num_embeddings - 1], raw value of ids 1..
 """
-import hashlib
-import json
 import os
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator
 
 import numpy as np
 import torch
-from iopath.common.file_io import g_pathmgr
 from torchmetrics.classification import BinaryAUROC
 from torchrec.datasets.utils import Batch
 
+from torchrec_mec.data._files import (
+    FORMAT_VERSION,
+    MANIFEST,
+    read_manifest,
+    sha256_file,
+)
 from torchrec_mec.data.dataset import (
     CTRDataset,
     SegmentedRows,
@@ -28,69 +31,10 @@ from torchrec_mec.data.dataset import (
     serve_batches,
 )
 from torchrec_mec.data.schema import BadRowReport, CorruptDatasetError, DataSchema
+from torchrec_mec.data.synthetic import SyntheticClickModel, SyntheticConfig
 from torchrec_mec.data.vocab import Vocabulary
 
-MANIFEST = "manifest.json"
-FORMAT_KIND = "torchrec_mec.encoded_dataset"
-FORMAT_VERSION = 1
 _COUNT_CHUNK = 1 << 20
-
-
-def sha256_file(path: str) -> str:
-    """Hex sha256 of a file, read in 8 MiB blocks."""
-    h = hashlib.sha256()
-    with g_pathmgr.open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def open_array(root: str, rel: str, dtype: Any, shape: tuple) -> np.ndarray:
-    """A writable array for file ``root/rel``, memory-mapped to ``rel + '.tmp'`` until
-    ``close_array`` renames it into place (so a crash never leaves a plausible-looking file)."""
-    path = os.path.join(root, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if int(np.prod(shape)) == 0:
-        return np.zeros(shape, dtype=dtype)
-    return np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=dtype, shape=shape)
-
-
-def close_array(root: str, rel: str, array: np.ndarray) -> Dict[str, Any]:
-    """Finishes an ``open_array`` array (or saves any array) and returns its manifest entry."""
-    path = os.path.join(root, rel)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if isinstance(array, np.memmap):
-        array.flush()
-    else:
-        with open(path + ".tmp", "wb") as f:
-            np.save(f, array)
-    os.replace(path + ".tmp", path)
-    return {"size": os.path.getsize(path), "sha256": sha256_file(path),
-            "shape": list(array.shape), "dtype": array.dtype.str}
-
-
-def write_manifest(root: str, manifest: Dict[str, Any]) -> None:
-    """Writes ``manifest.json`` atomically (temp name, then rename) through iopath."""
-    tmp = os.path.join(root, MANIFEST + ".tmp")
-    with g_pathmgr.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    g_pathmgr.mv(tmp, os.path.join(root, MANIFEST))
-
-
-def read_manifest(root: str) -> Optional[Dict[str, Any]]:
-    """The manifest of a prepared directory, or None if there is none (or not ours)."""
-    path = os.path.join(root, MANIFEST)
-    if not g_pathmgr.isfile(path):
-        return None
-    with g_pathmgr.open(path, "r") as f:
-        try:
-            manifest = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CorruptDatasetError(path, f"not valid JSON ({e})") from e
-    if manifest.get("kind") != FORMAT_KIND:
-        raise CorruptDatasetError(path, f"not an encoded data set manifest (kind "
-                                  f"{manifest.get('kind')!r})")
-    return manifest
 
 
 class EncodedDataset(CTRDataset):
@@ -258,8 +202,15 @@ class EncodedDataset(CTRDataset):
         return serve_batches(rows, self.schema.sparse_names, batch_size, shuffle=shuffle,
                              seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)
 
+    def click_model(self) -> SyntheticClickModel:
+        """The planted model that generated this (synthetic) data set."""
+        if not self.is_synthetic:
+            raise ValueError(f"{self.path} is not synthetic: it has no planted model")
+        meta = self.manifest["synthetic"]
+        return SyntheticClickModel(SyntheticConfig(**meta["config"]), seed=meta["seed"])
+
     def true_probabilities(self, split: str) -> torch.Tensor:
-        """Planted click probability of every row of ``split`` (synthetic data only), float32 [N]."""
+        """Planted click probability of each row of ``split`` (synthetic only), float32 [N]."""
         if not self.is_synthetic:
             raise ValueError(f"{self.path} is not synthetic: it has no true probabilities")
         return torch.from_numpy(np.array(self.arrays(split)["probabilities"]))

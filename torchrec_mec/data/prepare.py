@@ -1,4 +1,4 @@
-"""``prepare_dataset``: raw file(s) or a synthetic config in, an ``EncodedDataset`` directory out."""
+"""``prepare_dataset``: raw files or a synthetic config in, an ``EncodedDataset`` directory out."""
 import json
 import logging
 import os
@@ -12,16 +12,16 @@ from iopath.common.file_io import g_pathmgr
 from torchrec_mec.data._random import stream_key, uniform
 from torchrec_mec.data.avazu import AVAZU_SCHEMA, read_avazu_csv
 from torchrec_mec.data.criteo import CRITEO_SCHEMA, read_criteo_tsv
-from torchrec_mec.data.encoded import (
+from torchrec_mec.data._files import (
     FORMAT_KIND,
     FORMAT_VERSION,
     MANIFEST,
-    EncodedDataset,
     close_array,
     open_array,
     read_manifest,
     write_manifest,
 )
+from torchrec_mec.data.encoded import EncodedDataset
 from torchrec_mec.data.schema import (
     SPLITS,
     BadRowReport,
@@ -123,8 +123,9 @@ def prepare_dataset(
         ...     synthetic=SyntheticConfig(num_rows=2000, table_sizes=(100, 10), num_dense=3))
         >>> [ds.num_rows(s) for s in ("train", "val", "test")]
         [1600, 200, 200]
-        >>> prepare_dataset(None, "synthetic", out, progress=False,  # reused, not regenerated
-        ...     synthetic=SyntheticConfig(num_rows=2000, table_sizes=(100, 10), num_dense=3)).path == out
+        >>> again = prepare_dataset(None, "synthetic", out, progress=False,  # reused as is
+        ...     synthetic=SyntheticConfig(num_rows=2000, table_sizes=(100, 10), num_dense=3))
+        >>> again.manifest == ds.manifest
         True
     """
     if format not in (*_FORMATS, "synthetic"):

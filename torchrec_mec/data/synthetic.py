@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from torchrec_mec.data._random import normal, stream_key, uniform
-from torchrec_mec.data.encoded import close_array, open_array
+from torchrec_mec.data._files import close_array, open_array
 from torchrec_mec.data.schema import SPLITS, DataSchema, check_fractions
 
 DEFAULT_TABLE_SIZES: Tuple[int, ...] = (

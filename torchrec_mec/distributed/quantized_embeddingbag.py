@@ -30,7 +30,6 @@ from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
     ShardedEmbeddingBagCollection,
 )
-from torchrec.distributed.utils import none_throws
 from torchrec.distributed.types import (
     Awaitable,
     EmbeddingModuleShardingPlan,
@@ -43,6 +42,7 @@ from torchrec.distributed.types import (
     ShardingType,
     ShardMetadata,
 )
+from torchrec.distributed.utils import none_throws
 from torchrec.modules.embedding_configs import EmbeddingTableConfig, PoolingType
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizerModule
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
@@ -130,7 +130,8 @@ class ShardedQuantizedEmbeddingBagCollection(
             for st in self._sharding_types
         ]
         self._lookups = nn.ModuleList(
-            [self._create_lookup(st, s, module) for st, s in zip(self._sharding_types, self._embedding_shardings)]
+            [self._create_lookup(st, s, module)
+             for st, s in zip(self._sharding_types, self._embedding_shardings)]
         )
         self._input_dists = nn.ModuleList([s.create_input_dist() for s in self._embedding_shardings])
         self._output_dists = nn.ModuleList(
@@ -142,6 +143,7 @@ class ShardedQuantizedEmbeddingBagCollection(
         self._embedding_dims = [d for s in self._embedding_shardings for d in s.embedding_dims()]
         self._features_order: Optional[List[int]] = None
         self._input_keys: Optional[List[str]] = None
+        self._row_wise_mean = self._find_row_wise_mean()
         self._optim = self._create_fused_optimizer(module, fused_params)
 
     # -- construction ----------------------------------------------------------------------
@@ -225,6 +227,8 @@ class ShardedQuantizedEmbeddingBagCollection(
     def input_dist(
         self, ctx: EmbeddingBagCollectionContext, features: KeyedJaggedTensor
     ) -> Awaitable[Awaitable[KJTList]]:
+        if features.variable_stride_per_key():
+            raise ValueError("KeyedJaggedTensors with a variable batch size per feature are not supported")
         if features.keys() != self._input_keys:
             self._set_features_order(features.keys())
         with torch.no_grad():
@@ -277,24 +281,26 @@ class ShardedQuantizedEmbeddingBagCollection(
         self._input_keys = list(keys)
 
     def _mean_divisor(self, splits: List[KeyedJaggedTensor]) -> Optional[torch.Tensor]:
-        """Row-wise shards pool MEAN tables as partial sums: [B, dims] bag lengths to divide by."""
+        """Row-wise shards pool MEAN tables as partial sums: per bag and column, what to divide by."""
+        if self._row_wise_mean is None:
+            return None
+        i, is_mean, dims = self._row_wise_mean
+        lengths = splits[i].lengths().view(len(is_mean), -1).to(torch.float32)
+        is_mean = is_mean.to(lengths.device).unsqueeze(1)
+        lengths = torch.where(is_mean, lengths.clamp(min=1), torch.ones_like(lengths))
+        return torch.repeat_interleave(lengths.t(), dims.to(lengths.device), dim=1)
+
+    def _find_row_wise_mean(self) -> Optional[Tuple[int, torch.Tensor, torch.Tensor]]:
+        """(index of the row-wise sharding, which of its features are MEAN, their dims)."""
         if ShardingType.ROW_WISE.value not in self._sharding_types:
             return None
         i = self._sharding_types.index(ShardingType.ROW_WISE.value)
-        features = splits[i]
-        names = self._embedding_shardings[i].feature_names()
-        is_mean = torch.tensor(
-            [self._feature_config(f).pooling == PoolingType.MEAN for f in names]
-        )
+        pooling = {f: c.pooling for c in self._configs.values() for f in c.feature_names}
+        sharding = self._embedding_shardings[i]
+        is_mean = torch.tensor([pooling[f] == PoolingType.MEAN for f in sharding.feature_names()])
         if not bool(is_mean.any()):
             return None
-        lengths = features.lengths().view(len(names), -1).to(torch.float32)
-        lengths = torch.where(is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
-        dims = torch.tensor(self._embedding_shardings[i].embedding_dims())
-        return torch.repeat_interleave(lengths.t(), dims, dim=1)
-
-    def _feature_config(self, feature: str) -> QuantizedEmbeddingBagConfig:
-        return next(c for c in self._configs.values() if feature in c.feature_names)
+        return i, is_mean, torch.tensor(sharding.embedding_dims())
 
     @property
     def fused_optimizer(self) -> KeyedOptimizer:
@@ -404,13 +410,13 @@ class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbed
 
     Example (one rank; run it under ``torchrun`` for more)::
 
-        >>> import os, torch, torch.distributed as dist
+        >>> import tempfile, torch, torch.distributed as dist
         >>> from torchrec.distributed.model_parallel import DistributedModelParallel
         >>> from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
         >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
         >>> from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
-        >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29561")
-        >>> dist.init_process_group("gloo", rank=0, world_size=1)
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/pg",
+        ...                         rank=0, world_size=1)
         >>> qebc = QuantizedEmbeddingBagCollection([QuantizedEmbeddingBagConfig(name="t",
         ...     num_embeddings=1000, embedding_dim=8, feature_names=["f"], num_subspaces=4,
         ...     codebook_size=16)])
@@ -445,8 +451,11 @@ class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbed
         return list(SHARDING_TYPES)
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
-        # The lookup is the QEBC's own (FBGEMM TBE, autograd gradients): TorchRec's "dense".
-        return [EmbeddingComputeKernel.DENSE.value]
+        # TorchRec's labels (its planner accepts "dense" for data-parallel tables only); whatever
+        # the label, the lookup is the QEBC's own, and an optimizer is fused only if one is given.
+        if sharding_type == ShardingType.DATA_PARALLEL.value:
+            return [EmbeddingComputeKernel.DENSE.value]
+        return [EmbeddingComputeKernel.FUSED.value]
 
     @property
     def module_type(self) -> Type[QuantizedEmbeddingBagCollection]:

@@ -118,7 +118,8 @@ def finetune(
     if ctx.is_main:
         assert result.state is not None
         save_model(out_dir, result.state, arch,
-                   {"fingerprint": want, "stage": "finetune", "history": result.history.to_dict(),
+                   {"fingerprint": want, "stage": "finetune", "world_size": ctx.world_size,
+                    "history": result.history.to_dict(),
                     "settings": {"finetune": asdict(settings.finetune)}})
         remove_checkpoint(checkpoint)
     barrier(ctx)

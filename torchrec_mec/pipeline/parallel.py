@@ -7,8 +7,9 @@ as *full* (unsharded) tensors: ``gather_state`` assembles sharded tables on rank
 outputs are therefore the same files whatever the world size, and a one-process run reads them.
 """
 import os
+import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -125,7 +126,7 @@ def gather_state(state: Mapping[str, Any], ctx: DistContext) -> Optional[Dict[st
     out: Dict[str, torch.Tensor] = {}
     for key, value in flat.items():
         if isinstance(value, ShardedTensor):
-            full = torch.zeros(tuple(value.size()), dtype=value.dtype, device=ctx.device)
+            full = torch.zeros(_size(value), dtype=value.dtype, device=ctx.device)
             for shard in value.local_shards():
                 full[_slices(shard)] = shard.tensor.to(ctx.device)
             if ctx.distributed:
@@ -152,7 +153,7 @@ def load_state(state: Mapping[str, Any], full: Mapping[str, torch.Tensor], sourc
         if key not in full:
             raise KeyError(f"{source}: has no entry {key!r}")
         src = full[key]
-        size = tuple(value.size()) if isinstance(value, ShardedTensor) else tuple(value.shape)
+        size = _size(value)
         if tuple(src.shape) != size:
             raise ValueError(f"{source}: entry {key!r} has shape {tuple(src.shape)}, "
                              f"expected {size}")
@@ -200,6 +201,14 @@ def load_local_state(state: Mapping[str, Any], local: Mapping[str, torch.Tensor]
                              f"expected {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(local[key])
+
+
+def _size(value: Any) -> Tuple[int, ...]:
+    if isinstance(value, ShardedTensor):
+        with warnings.catch_warnings():  # "deprecating ShardedTensor": TorchRec 1.8 still uses it
+            warnings.simplefilter("ignore", FutureWarning)
+            return tuple(value.size())
+    return tuple(value.shape)
 
 
 def _slices(shard: Any) -> tuple:

@@ -102,7 +102,8 @@ def pretrain(
         save_artifact(out.counts_uri, counts, {"fingerprint": want, "split": "train"},
                       COUNTS_KIND)
         save_model(out_dir, result.state, arch,
-                   {"fingerprint": want, "stage": "pretrain", "history": result.history.to_dict(),
+                   {"fingerprint": want, "stage": "pretrain", "world_size": ctx.world_size,
+                    "history": result.history.to_dict(),
                     "settings": {"model": asdict(settings.model),
                                  "pretrain": asdict(settings.pretrain)}})
         remove_checkpoint(checkpoint)

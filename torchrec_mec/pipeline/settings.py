@@ -271,7 +271,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where + ".")
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or (isinstance(value, str)
+                                                      and value.lower() in ("none", "null"))):
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, where)

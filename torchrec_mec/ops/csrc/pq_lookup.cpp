@@ -47,11 +47,11 @@ constexpr int64_t kBagsPerChunk = 32;
 constexpr int64_t kFullColumnsPerTask = 16;
 
 struct Table {
-  const uint8_t* codes = nullptr;  // [rows, M] codes, nullptr for a full table
+  bool compressed = false;
+  const uint8_t* codes = nullptr;  // [rows, M] codes of a compressed table
   int64_t code_bytes = 0;          // 1 (uint8) or 2 (uint16)
   const float* params = nullptr;   // codebooks [M, K, d] or full weight [rows, D]
   int64_t rows = 0, M = 1, K = 0, d = 0, D = 0;
-  bool compressed() const { return codes != nullptr; }
 };
 
 struct Feature {
@@ -115,6 +115,7 @@ Plan make_plan(
                   "codes must be contiguous [rows, M]");
       TORCH_CHECK(c.scalar_type() == at::kByte || c.scalar_type() == at::kUInt16,
                   "codes must be uint8 or uint16");
+      table.compressed = true;
       table.codes = static_cast<const uint8_t*>(c.data_ptr());
       table.code_bytes = c.element_size();
       table.rows = c.size(0);
@@ -139,7 +140,7 @@ Plan make_plan(
     feature.col = plan.total_dim;
     feature.id_begin = plan.offsets[f * plan.batch];
     feature.id_end = plan.offsets[(f + 1) * plan.batch];
-    if (table.compressed()) {
+    if (table.compressed) {
       feature.saved = plan.saved_bytes;
       plan.saved_bytes += (feature.id_end - feature.id_begin) * table.M * table.code_bytes;
     }
@@ -319,7 +320,7 @@ MEC_INLINE void forward_rows_impl(ForwardState& s, int64_t row_begin, int64_t ro
     const Table& t = plan.tables[fe.table];
     float* out = s.out + b * plan.total_dim + fe.col;
     const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
-    if (!t.compressed()) {
+    if (!t.compressed) {
       pool_full_bag_dispatch<IdT>(s, f, begin, end, out);
     } else if (t.code_bytes == 1) {
       pool_pq_bag_dispatch<IdT, uint8_t>(s, f, begin, end, out);
@@ -427,6 +428,9 @@ MEC_INLINE void full_grad(BackwardState& s, int64_t t, int64_t part) {
   const int64_t width = std::min(kFullColumnsPerTask, table.D - c0);
   const IdT* ids = static_cast<const IdT*>(plan.values);
   float* grad = s.grads[t] + c0;
+  for (int64_t row = 0; row < table.rows; ++row) {
+    std::fill(grad + row * table.D, grad + row * table.D + width, 0.0f);
+  }
   for (int64_t f : s.features_of_table[t]) {
     const Feature& fe = plan.features[f];
     for (int64_t b = 0; b < plan.batch; ++b) {
@@ -456,7 +460,7 @@ MEC_INLINE void codebook_grad_dispatch(BackwardState& s, int64_t t, int64_t m) {
 
 MEC_CLONES void backward_task(BackwardState& s, int64_t t, int64_t part) {
   const Table& table = s.plan.tables[t];
-  if (!table.compressed()) {
+  if (!table.compressed) {
     if (s.plan.int32_ids) {
       full_grad<int32_t>(s, t, part);
     } else {
@@ -498,16 +502,16 @@ std::vector<Tensor> pooled_lookup_backward(
   std::vector<Task> tasks;
   for (size_t t = 0; t < plan.tables.size(); ++t) {
     const Table& table = plan.tables[t];
-    // Codebook subspaces are zeroed by their task; full weights need zeros under every row.
-    grads.push_back(table.compressed() ? at::empty_like(params[t]) : at::zeros_like(params[t]));
+    // Each task zeroes the part it owns (a subspace, a band of columns) before adding to it.
+    grads.push_back(at::empty_like(params[t]));
     s.grads.push_back(grads.back().data_ptr<float>());
     int64_t ids = 0;
     for (int64_t f : s.features_of_table[t]) ids += plan.features[f].id_end - plan.features[f].id_begin;
-    const int64_t parts = table.compressed()
+    const int64_t parts = table.compressed
         ? table.M
         : (table.D + kFullColumnsPerTask - 1) / kFullColumnsPerTask;
     for (int64_t p = 0; p < parts; ++p) {
-      tasks.push_back({static_cast<int64_t>(t), p, ids * (table.compressed() ? table.d : 16)});
+      tasks.push_back({static_cast<int64_t>(t), p, ids * (table.compressed ? table.d : 16)});
     }
   }
   // Longest first, so the last tasks to be handed out are short.

@@ -1,0 +1,87 @@
+"""The ``mec`` command: flags and config files become settings; stages run; errors name files."""
+import json
+import os
+
+import pytest
+
+from tests.pipeline_testing import tiny_flags
+from torchrec_mec.cli import build_parser, main, settings_from_args
+
+
+def _settings(*argv):
+    return settings_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_help_lists_every_stage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("run", "prepare", "pretrain", "compress", "finetune", "evaluate", "report"):
+        assert command in out
+
+
+def test_flags_config_file_and_set_in_order_of_precedence(tmp_path):
+    config = tmp_path / "mec.yaml"
+    config.write_text("model: {name: dlrm_dcn, embedding_dim: 24}\n"
+                      "compress: {min_rows: 5000, quantizer: {codebook_size: 64}}\n")
+    s = _settings("run", "--out", "d", "--format", "synthetic", "--config", str(config),
+                  "--codebook-size", "128", "--seed", "7", "--set", "model.embedding_dim=32",
+                  "pretrain.dense_lr=2e-3")
+    assert s.model.name == "dlrm_dcn"  # from the file
+    assert s.model.embedding_dim == 32  # --set beats the file
+    assert s.compress.min_rows == 5000 and s.compress.quantizer.codebook_size == 128
+    assert (s.pretrain.seed, s.finetune.seed, s.compress.quantizer.seed) == (7, 7, 7)
+    assert s.pretrain.dense_lr == 2e-3
+    published = _settings("compress", "--out", "d")
+    assert (published.model.embedding_dim, published.compress.min_rows,
+            published.compress.quantizer.num_subspaces,
+            published.compress.quantizer.codebook_size) == (40, 100_000, 4, 256)
+    as_json = tmp_path / "mec.json"
+    as_json.write_text(json.dumps({"finetune": {"epochs": 3}}))
+    assert _settings("finetune", "--out", "d", "--config", str(as_json)).finetune.epochs == 3
+
+
+def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
+    assert main(["compress", "--out", str(tmp_path), "--set", "compress.min_row=5"]) == 2
+    assert "compress.min_row" in capsys.readouterr().err
+    config = tmp_path / "bad.yaml"
+    config.write_text("pretrain: {epochs: many}\n")
+    assert main(["pretrain", "--out", str(tmp_path), "--config", str(config)]) == 2
+    assert "pretrain.epochs" in capsys.readouterr().err
+
+
+def test_missing_inputs_exit_1_naming_the_file(tmp_path, capsys):
+    assert main(["compress", "--out", str(tmp_path)]) == 1
+    assert os.path.join(str(tmp_path), "pretrain", "tables.mec") in capsys.readouterr().err
+    assert main(["run", "--format", "criteo", "--out", str(tmp_path)]) == 1
+    assert "--data" in capsys.readouterr().err
+    assert main(["run", "--format", "synthetic", "--data", "x.tsv", "--out", str(tmp_path)]) == 1
+    assert "give no --data" in capsys.readouterr().err
+
+
+def test_malformed_input_named_by_line(tmp_path, capsys):
+    good = "\t".join(["1"] + ["3"] * 13 + ["a1b2c3d4"] * 26)
+    bad = "\t".join(["0"] + ["x"] + ["3"] * 12 + ["a1b2c3d4"] * 26)
+    path = tmp_path / "day.tsv"
+    path.write_text("\n".join([good] * 20 + [bad] + [good] * 5) + "\n")
+    argv = ["prepare", "--data", str(path), "--format", "criteo", "--out", str(tmp_path / "r"),
+            "--no-progress"]
+    assert main(argv + ["--set", "data.bad_rows=fail"]) == 1
+    assert f"{path}, line 21, column I1" in capsys.readouterr().err
+    assert main(argv) == 0  # the default skips and counts it
+    manifest = json.loads((tmp_path / "r" / "data" / "manifest.json").read_text())
+    assert manifest["bad_rows"]["count"] == 1
+
+
+def test_run_then_report_on_generated_data(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["run", "--format", "synthetic", "--out", out, "--preset", "sample", "--no-progress",
+            *tiny_flags()]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "2 of 4 tables compressed" in printed and "test AUC" in printed
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert report["memory"]["ratio"] > 1
+    assert main(["report", "--out", out]) == 0
+    assert "embedding memory" in capsys.readouterr().out
