@@ -60,13 +60,15 @@ def configs(args: argparse.Namespace, compressed: bool) -> List[QuantizedEmbeddi
 
 
 def plan_generator(sharding_type: str, index: int, world_size: int):  # type: ignore[no-untyped-def]
+    # "fused": TorchRec's TBE with the optimizer in backward (its default kernel for
+    # construct_module_sharding_plan would be "dense": a dense [N, D] gradient per table).
     if sharding_type == "data_parallel":
         return data_parallel()
     if sharding_type == "table_wise":
-        return table_wise(rank=index % world_size)
+        return table_wise(rank=index % world_size, compute_kernel="fused")
     if sharding_type == "row_wise":
-        return row_wise()
-    return column_wise(ranks=list(range(world_size)))
+        return row_wise(compute_kernel="fused")
+    return column_wise(ranks=list(range(world_size)), compute_kernel="fused")
 
 
 class Model(nn.Module):

@@ -48,6 +48,11 @@ def assign_splits(lines: np.ndarray, seed: int, split: Sequence[float]) -> np.nd
     """Split index (0 train, 1 val, 2 test) of each row, a pure function of its line number and
     ``seed``: the same rows land in the same split whatever the chunking or ``max_rows``.
 
+    Args:
+        lines (np.ndarray): 1-based line numbers of the rows.
+        seed (int): the split seed.
+        split (Sequence[float]): (train, val, test) fractions summing to 1.
+
     Example::
 
         >>> s = assign_splits(np.arange(1, 100_001), seed=0, split=(0.8, 0.1, 0.1))

@@ -62,12 +62,12 @@ class SyntheticConfig:
     num_rows: int = 1_000_000
     table_sizes: Tuple[int, ...] = DEFAULT_TABLE_SIZES
     num_dense: int = 13
-    zipf_exponent: float = 1.1
+    zipf_exponent: float = 1.2
     latent_dim: int = 4
     interaction_pairs: Optional[Tuple[Tuple[int, int], ...]] = None
     feature_weights: Optional[Tuple[float, ...]] = None
-    sparse_scale: float = 1.2
-    interaction_scale: float = 0.6
+    sparse_scale: float = 1.6
+    interaction_scale: float = 0.7
     dense_scale: float = 0.6
     dense_missing_rate: float = 0.1
     click_rate: float = 0.25

@@ -361,7 +361,7 @@ class ShardedQuantizedEmbeddingBagCollection(
 
     @torch.no_grad()
     def load_state_dict(  # type: ignore[override]
-        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+        self, state_dict: Mapping[str, Any], strict: bool = True
     ) -> _IncompatibleKeys:
         """Loads the unsharded keys from ``ShardedTensor``s laid out as this module's own
         ``state_dict()`` (use ``torch.distributed.checkpoint`` to reshard), or from plain tensors
@@ -388,6 +388,10 @@ class ShardedQuantizedEmbeddingBagCollection(
                         f"{name}: got {source.dtype} {tuple(source.shape)} for a local part of "
                         f"{target.dtype} {tuple(target.shape)}"
                     )
+                if key == "codes" and source.numel():
+                    top = int(source.to(torch.int32).max())
+                    if top >= cfg.codebook_size:
+                        raise ValueError(f"{name}: code {top} >= codebook_size {cfg.codebook_size}")
                 target.copy_(source)
         return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 

@@ -125,9 +125,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Ten
     centers[0] = x[first]
     d2 = (x - centers[0]).pow(2).sum(1)
     for j in range(1, k):
-        total = float(d2.sum())
-        if total > 0:
-            idx = int(torch.multinomial(d2, 1, generator=generator))
+        if float(d2.max()) > 0:
+            idx = int(weighted_sample(d2, 1, generator))
         else:  # every point already is a centroid: any point will do
             idx = int(torch.randint(n, (1,), generator=generator))
         centers[j] = x[idx]

@@ -260,8 +260,9 @@ def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, nam
         fail(f"dim {dim} is not divisible by num_subspaces {config.num_subspaces}")
     if config.codebook_size > n:
         fail(f"codebook_size {config.codebook_size} exceeds the number of rows {n}")
-    if not bool(weight.isfinite().all()):
-        fail("weight has NaN or infinite values")
+    for start in range(0, n, 1 << 20):  # chunked: no N x D boolean temporary
+        if not bool(weight[start : start + (1 << 20)].isfinite().all()):
+            fail("weight has NaN or infinite values")
 
 
 def _mec_loss(
