@@ -19,12 +19,13 @@ else:
     class OptionalBuildExtension(BuildExtension):
         """BuildExtension that reports a failed compile instead of failing the install."""
 
-        def build_extension(self, ext):  # type: ignore[no-untyped-def]
+        def run(self) -> None:
             try:
-                super().build_extension(ext)
+                super().run()
             except Exception as error:  # noqa: BLE001  (any compiler or linker failure)
-                print(f"torchrec-mec: building {ext.name} failed ({error}); the package falls "
-                      "back to its slower FBGEMM / pure-PyTorch lookups", file=sys.stderr)
+                print(f"torchrec-mec: building torchrec_mec._C failed ({error}); the package "
+                      "falls back to its slower FBGEMM / pure-PyTorch lookups", file=sys.stderr)
+                self.extensions = []  # nothing was built, so there is nothing to install
 
     ext_modules = [
         CppExtension(

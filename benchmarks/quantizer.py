@@ -8,6 +8,7 @@ MSE, and code usage (mean perplexity per codebook, dead codewords).
     PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py                 # 1M x 64
     PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --ablation      # + each part off
     PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --rows 10000000 # the 10M x 64 case
+    PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --driver        # 1 vs 2 processes
 
 The synthetic table imitates a trained CTR table: ids have power-law (Zipf) counts; an id's
 row is its cluster's centre scaled by how well it was trained (log of its count) plus noise,
@@ -16,13 +17,18 @@ so popular ids are spread out and rare ids sit near the initialisation (small, n
 import argparse
 import dataclasses
 import math
+import os
+import socket
+import tempfile
 import time
 from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from torchrec_mec.quantize import MECConfig, popularity_weights, quantize_table
+from torchrec_mec.quantize import MECConfig, popularity_weights, quantize_table, quantize_tables
 from torchrec_mec.quantize.quantize_table import POPULAR_FRACTION, RARE_FRACTION
 
 
@@ -112,6 +118,45 @@ def run_mec(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig,
     return seconds, evaluate(weight, counts, decoded, res.codes, config.codebook_size), extra
 
 
+def _driver_tables(rows: int, dim: int, count: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    return {f"t{i}": synthetic_table(rows, dim, seed=i) for i in range(count)}
+
+
+def _driver_rank(rank: int, world_size: int, port: int, args: argparse.Namespace,
+                 out_dir: str, seconds: "mp.Queue") -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(args.threads_per_rank)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    tables = _driver_tables(args.rows, args.dim, args.tables)
+    dist.barrier()
+    started = time.perf_counter()
+    quantize_tables(tables, MECConfig(epochs=args.epochs), out_dir, min_rows=0, progress=False)
+    seconds.put(time.perf_counter() - started)
+    dist.destroy_process_group()
+
+
+def driver_benchmark(args: argparse.Namespace) -> None:
+    """quantize_tables over equal tables: one process with all threads, then 2 processes."""
+    torch.set_num_threads(2 * args.threads_per_rank)
+    tables = _driver_tables(args.rows, args.dim, args.tables)
+    with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:
+        started = time.perf_counter()
+        quantize_tables(tables, MECConfig(epochs=args.epochs), one, min_rows=0, progress=False)
+        single = time.perf_counter() - started
+        ctx = mp.get_context("spawn")
+        queue = ctx.SimpleQueue()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(_driver_rank, args=(2, port, args, two, queue), nprocs=2,
+                           start_method="spawn")
+        ranks = [queue.get() for _ in range(2)]
+    print(f"{args.tables} tables of {args.rows:,} x {args.dim}: 1 process "
+          f"({2 * args.threads_per_rank} threads) {single:.1f}s; 2 processes "
+          f"({args.threads_per_rank} thread each) {max(ranks):.1f}s; "
+          f"speed-up {single / max(ranks):.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -121,7 +166,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-faiss", action="store_true")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--driver", action="store_true",
+                   help="time quantize_tables on --tables equal tables, 1 vs 2 processes")
+    p.add_argument("--tables", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=MECConfig.epochs, help="most epochs of MEC")
+    p.add_argument("--threads-per-rank", type=int, default=1)
     args = p.parse_args()
+    if args.driver:
+        driver_benchmark(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -135,7 +188,7 @@ def main() -> None:
     print("-" * len(header))
     for case in args.cases.split(","):
         m, k = (int(v) for v in case.split("x"))
-        base = MECConfig(num_subspaces=m, codebook_size=k)
+        base = MECConfig(num_subspaces=m, codebook_size=k, epochs=args.epochs)
         variants: List[Tuple[str, MECConfig]] = [("MEC", base)]
         if args.ablation:
             variants += [

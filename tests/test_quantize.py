@@ -249,3 +249,39 @@ def test_bad_config_is_refused():
         MECConfig(codebook_size=1)
     with pytest.raises(ValueError, match="encoder"):
         MECConfig(encoder="transformer")
+
+
+def test_result_loads_into_qebc_and_reproduces_the_reconstruction():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from torchrec_mec.modules import QuantizedEmbeddingBagCollection
+
+    weight, counts = gaussian_table(6, n=1000)
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t", num_embeddings=1000,
+                                                     embedding_dim=8, feature_names=["f"])])
+    with torch.no_grad():
+        ebc.embedding_bags["t"].weight.copy_(weight)
+    res = quantize_table(weight, counts, MECConfig(**SMALL), progress=False)
+    qebc = QuantizedEmbeddingBagCollection.from_embedding_bag_collection(
+        ebc, {"t": (res.codes, res.codebooks)})
+    ids = torch.tensor([3, 999, 0])
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=ids,
+                                              lengths=torch.tensor([1, 1, 1]))
+    pooled = qebc(kjt)["f"]
+    decoded = res.codebooks[torch.arange(2), res.codes[ids].long()].flatten(1)
+    assert torch.allclose(pooled, decoded, atol=1e-6)
+    # the compressed rows approximate the pretrained ones (stage 3 starts from them)
+    assert float((pooled - weight[ids]).pow(2).mean()) < float(weight[ids].pow(2).mean())
+
+
+def test_docs_example_runs():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "quantizer.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/quantizer.md", "exec"), {})

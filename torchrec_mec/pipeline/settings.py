@@ -65,6 +65,9 @@ class TrainSettings:
         embedding_lr (float): Adagrad learning rate of embedding tables and codebooks.
         seed (int): model initialisation and shuffling (epoch ``e`` shuffles with ``seed + e``).
         checkpoint_every (int): also checkpoint every this many steps (0: at epoch ends only).
+        keep_best (bool): validate the starting state and every epoch and keep the state with
+            the lowest validation log loss (for fine-tuning, the starting state is the
+            compressed model before any training); off keeps the last epoch.
     """
 
     epochs: int = 1
@@ -73,6 +76,7 @@ class TrainSettings:
     embedding_lr: float = 0.05
     seed: int = 0
     checkpoint_every: int = 0
+    keep_best: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 0:

@@ -55,12 +55,16 @@ class TrainHistory:
 
     Args:
         step_loss (List[float]): mean training loss over each global batch, step by step.
-        epochs (List[Dict[str, float]]): per epoch: ``epoch``, ``step`` (steps done),
-            ``train_loss`` (mean over the epoch's steps), ``val_auc``, ``val_logloss``.
+        epochs (List[Dict[str, Any]]): per validation: ``epoch`` (0: the starting state),
+            ``step`` (steps done), ``train_loss`` (mean over the epoch's steps; None for epoch
+            0), ``val_auc``, ``val_logloss``.
+        best_epoch (Optional[int]): the epoch whose state was kept (``keep_best``); None when
+            the last epoch's state is returned.
     """
 
     step_loss: List[float] = field(default_factory=list)
-    epochs: List[Dict[str, float]] = field(default_factory=list)
+    epochs: List[Dict[str, Any]] = field(default_factory=list)
+    best_epoch: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -72,7 +76,7 @@ class TrainResult:
 
     Args:
         state (Optional[Dict[str, Tensor]]): the trained model's full state dict on rank 0
-            (``None`` on other ranks).
+            (``None`` on other ranks): the best epoch's with ``keep_best``, else the last.
         history (TrainHistory): losses and validation metrics.
     """
 
@@ -124,6 +128,10 @@ def train_model(
 ) -> TrainResult:
     """Trains ``model`` on the training split, validating after each epoch.
 
+    With ``settings.keep_best`` the starting state is validated too, and the state of the epoch
+    with the lowest validation log loss is returned (early stopping by selection: on small data
+    further epochs, or fine-tuning at all, can overfit).
+
     Args:
         model (CTRModel): the unsharded model with its initial state (the same on every rank).
         dataset (CTRDataset): the prepared data set.
@@ -162,11 +170,16 @@ def train_model(
     optimizer, own = build_optimizer(runner, settings)
 
     history = TrainHistory()
+    best: Optional[Dict[str, torch.Tensor]] = None
     epoch, skip = 0, 0
     resumed = _resume(checkpoint_uri, fingerprint, ctx, runner, optimizer, own)
     if resumed is not None:
-        epoch, skip, history = resumed
+        epoch, skip, history, best = resumed
         logger.info("%s: resuming from %s (epoch %d, step %d)", desc, checkpoint_uri, epoch + 1, skip)
+    keep_best = settings.keep_best and dataset.num_rows("val") > 0
+    if keep_best and not history.epochs:
+        best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc, True,
+                         None)
     steps_per_epoch = dataset.num_batches("train", local_batch, world_size=ctx.world_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + skip,
                desc=desc, unit="step", disable=not (progress and ctx.is_main), dynamic_ncols=True)
@@ -184,21 +197,48 @@ def train_model(
             done = step + 1
             if settings.checkpoint_every and done % settings.checkpoint_every == 0 \
                     and done < steps_per_epoch:
-                _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, done, history)
+                _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, done, history,
+                      best)
         skip = 0
         epoch += 1
-        val = evaluate_model(runner, dataset, "val", eval_batch_size, ctx, progress=False)
         epoch_losses = history.step_loss[-steps_per_epoch:]
-        history.epochs.append({"epoch": epoch, "step": len(history.step_loss),
-                               "train_loss": sum(epoch_losses) / len(epoch_losses),
-                               "val_auc": val.auc, "val_logloss": val.logloss})
-        if ctx.is_main:
-            logger.info("%s: epoch %d/%d train loss %.4f, val AUC %.4f, val logloss %.4f", desc,
-                        epoch, settings.epochs, history.epochs[-1]["train_loss"], val.auc,
-                        val.logloss)
-        _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history)
+        if dataset.num_rows("val") > 0:
+            best = _validate(runner, dataset, eval_batch_size, ctx, history, epoch,
+                             sum(epoch_losses) / len(epoch_losses), desc, keep_best, best)
+            if ctx.is_main:
+                e = history.epochs[-1]
+                logger.info("%s: epoch %d/%d train loss %.4f, val AUC %.4f, val logloss %.4f",
+                            desc, epoch, settings.epochs, e["train_loss"], e["val_auc"],
+                            e["val_logloss"])
+        _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history, best)
     bar.close()
+    if keep_best:
+        if ctx.is_main:
+            logger.info("%s: keeping epoch %d (lowest validation log loss)", desc,
+                        history.best_epoch)
+        return TrainResult(state=best, history=history)
     return TrainResult(state=gather_state(runner.state_dict(), ctx), history=history)
+
+
+def _validate(runner: nn.Module, dataset: CTRDataset, batch_size: int, ctx: DistContext,
+              history: TrainHistory, epoch: int, train_loss: Optional[float], desc: str,
+              keep_best: bool, best: Optional[Dict[str, torch.Tensor]]
+              ) -> Optional[Dict[str, torch.Tensor]]:
+    """Scores the validation split and records it. With ``keep_best``, returns the full state
+    (rank 0) if this epoch has the lowest validation log loss so far, else ``best``; all ranks
+    decide alike, since the metrics are synchronised."""
+    val = evaluate_model(runner, dataset, "val", batch_size, ctx, progress=False,
+                         desc=f"{desc} validation")
+    previous = {e["epoch"]: e["val_logloss"] for e in history.epochs}
+    history.epochs.append({"epoch": epoch, "step": len(history.step_loss),
+                           "train_loss": train_loss, "val_auc": val.auc,
+                           "val_logloss": val.logloss})
+    if not keep_best:
+        return best
+    if history.best_epoch is None or val.logloss < previous[history.best_epoch]:
+        history.best_epoch = epoch
+        return gather_state(runner.state_dict(), ctx)
+    return best
 
 
 def _sparse_table_gradients(model: nn.Module) -> None:
@@ -257,7 +297,8 @@ def remove_checkpoint(uri: str) -> None:
 
 
 def _save(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
-          optimizer: KeyedOptimizer, epoch: int, step: int, history: TrainHistory) -> None:
+          optimizer: KeyedOptimizer, epoch: int, step: int, history: TrainHistory,
+          best: Optional[Dict[str, torch.Tensor]]) -> None:
     """Writes the checkpoint: each rank its optimizer state (sharded like the model), then rank 0
     the full model state and the position, which names the optimizer files' step. A kill
     between the two leaves the previous checkpoint and its optimizer files intact."""
@@ -273,7 +314,9 @@ def _save(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
         previous = _checkpoint_step(uri)
         meta = {"fingerprint": fingerprint, "world_size": ctx.world_size, "epoch": epoch,
                 "step": step, "global_step": global_step, "history": history.to_dict()}
-        save_artifact(uri, model_state, meta, CHECKPOINT_KIND)
+        tensors = {f"model.{k}": v for k, v in model_state.items()}
+        tensors.update({f"best.{k}": v for k, v in (best or {}).items()})
+        save_artifact(uri, tensors, meta, CHECKPOINT_KIND)
         if previous is not None and previous != global_step:
             for rank in range(ctx.world_size):
                 old = optimizer_checkpoint_uri(uri, previous, rank)
@@ -293,11 +336,12 @@ def _checkpoint_step(uri: str) -> Optional[int]:
 
 def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
             optimizer: KeyedOptimizer, own: List[KeyedOptimizer]
-            ) -> Optional[Tuple[int, int, TrainHistory]]:
-    """Loads the checkpoint at ``uri`` into ``runner`` and ``optimizer`` if it matches."""
+            ) -> Optional[Tuple[int, int, TrainHistory, Optional[Dict[str, torch.Tensor]]]]:
+    """Loads the checkpoint at ``uri`` into ``runner`` and ``optimizer`` if it matches; returns
+    the position, the history and (on rank 0) the best state so far."""
     if not g_pathmgr.exists(uri):
         return None
-    model_state, meta = load_artifact(uri, expect_kind=CHECKPOINT_KIND)
+    tensors, meta = load_artifact(uri, expect_kind=CHECKPOINT_KIND)
     if meta["fingerprint"] != fingerprint:
         if ctx.is_main:
             logger.warning("%s was written for other inputs or settings; starting over", uri)
@@ -309,6 +353,11 @@ def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
     optim_state, _ = load_artifact(optim_uri, expect_kind=OPTIMIZER_KIND)
     for part in own:
         part.init_state()  # Adam's state is lazy: make it so the checkpoint can fill it
-    load_state(runner.state_dict(), model_state, f"checkpoint {uri}")
+    load_state(runner.state_dict(), _strip(tensors, "model."), f"checkpoint {uri}")
     load_local_state(optimizer.state_dict()["state"], optim_state, f"checkpoint {optim_uri}")
-    return meta["epoch"], meta["step"], TrainHistory(**meta["history"])
+    best = _strip(tensors, "best.") if ctx.is_main else None
+    return meta["epoch"], meta["step"], TrainHistory(**meta["history"]), best or None
+
+
+def _strip(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
