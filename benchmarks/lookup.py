@@ -194,10 +194,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small tables: a smoke test")
     parser.add_argument("--ids-per-bag", type=int, nargs="+", help="override the cases")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile QEBC training steps, before and now")
     args = parser.parse_args()
     setup = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ids_per_bag = args.ids_per_bag or setup.ids_per_bag
     if not cpu_operator_available():
         raise SystemExit("the compiled operator is not built: pip install --no-build-isolation -e .")

@@ -168,7 +168,7 @@ def test_popularity_weighting_lowers_error_of_popular_ids():
     weight, _ = gaussian_table(2, n=6000)
     counts = torch.ones(6000, dtype=torch.long)
     popular = torch.randperm(6000, generator=torch.Generator().manual_seed(123))[:60]
-    counts[popular] = 2**16
+    counts[popular] = 2**30  # weight 30: the 1% popular ids carry a third of the mass
     on = quantize_table(weight, counts, MECConfig(**SMALL), progress=False)
     off = quantize_table(weight, counts, MECConfig(**SMALL, popularity_weighting=False),
                          progress=False)
@@ -185,7 +185,8 @@ def test_usage_regularizer_raises_perplexity():
             "early_stopping_patience": 0}
     off = quantize_table(weight, counts, MECConfig(**base, reg_weight=0.0), progress=False)
     on = quantize_table(weight, counts, MECConfig(**base, reg_weight=1.0), progress=False)
-    assert min(on.stats.perplexity) > 1.1 * max(off.stats.perplexity)
+    for with_reg, without in zip(on.stats.perplexity, off.stats.perplexity):
+        assert with_reg > 1.1 * without
 
 
 def test_every_part_can_be_switched_off():

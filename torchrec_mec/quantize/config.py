@@ -66,12 +66,12 @@ class MECConfig:
     epochs: int = 100
     samples_per_epoch: int = 262_144
     batch_size: int = 8192
-    lr: float = 1e-3
+    lr: float = 1e-2
     seed: int = 0
     popularity_weighting: bool = True
     encoder: str = "mlp"
     commitment_weight: float = 1.0
-    reg_weight: float = 1e-4
+    reg_weight: float = 0.1
     usage_temperature: float = 1.0
     contrastive_weight: float = 2e-3
     num_negatives: int = 4

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_KIND = "mec_quantizer_checkpoint"
 POPULAR_FRACTION = 0.01  # stats: "popular" ids are the top 1% by count
 RARE_FRACTION = 0.5  # stats: "rare" ids are the bottom 50% by count
-_MIN_IMPROVEMENT = 1e-4  # relative held-out improvement that resets early-stopping patience
+_MIN_IMPROVEMENT = 1e-3  # relative held-out improvement that resets early-stopping patience
 _EVAL_SEED_OFFSET = 0x5EED  # held-out negatives: one fixed draw, so epochs compare fairly
 
 
