@@ -82,17 +82,17 @@ def run_faiss(weight: torch.Tensor, counts: torch.Tensor, m: int, k: int) -> Tup
     import faiss
 
     x = weight.numpy()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     pq = faiss.ProductQuantizer(x.shape[1], m, int(math.log2(k)))
     pq.train(x)
     codes = pq.compute_codes(x)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     codes_t = torch.from_numpy(_unpack(codes, m, k))
 
     def decoded(start: int, end: int) -> torch.Tensor:
         return torch.from_numpy(pq.decode(codes[start:end]))
 
-    return seconds, evaluate(weight, counts, decoded, codes_t, k)
+    return seconds, cpu, evaluate(weight, counts, decoded, codes_t, k)
 
 
 def _unpack(codes: np.ndarray, m: int, k: int) -> np.ndarray:
@@ -104,10 +104,10 @@ def _unpack(codes: np.ndarray, m: int, k: int) -> np.ndarray:
 
 
 def run_mec(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig,
-            progress: bool) -> Tuple[float, Dict, Dict]:
-    started = time.perf_counter()
+            progress: bool) -> Tuple[float, float, Dict, Dict]:
+    started, cpu = time.perf_counter(), time.process_time()
     res = quantize_table(weight, counts, config, name="bench", progress=progress)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     m = config.num_subspaces
     cb = res.codebooks
 
@@ -115,7 +115,7 @@ def run_mec(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig,
         return cb[torch.arange(m), res.codes[start:end].long()].flatten(1)
 
     extra = {"epochs": res.stats.epochs_run, "best": res.stats.best_epoch}
-    return seconds, evaluate(weight, counts, decoded, res.codes, config.codebook_size), extra
+    return seconds, cpu, evaluate(weight, counts, decoded, res.codes, config.codebook_size), extra
 
 
 def _driver_tables(rows: int, dim: int, count: int) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
@@ -162,7 +162,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--cases", default="4x256,8x256", help="comma-separated MxK")
-    p.add_argument("--ablation", action="store_true", help="also run MEC with each part off")
+    p.add_argument("--ablation", action="store_true",
+                   help="also run MEC with each part off (first case only)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-faiss", action="store_true")
     p.add_argument("--progress", action="store_true")
@@ -182,7 +183,7 @@ def main() -> None:
     weight, counts = synthetic_table(args.rows, args.dim)
     print(f"table {args.rows:,} x {args.dim}: generated in {time.perf_counter() - t:.1f}s, "
           f"{torch.get_num_threads()} torch threads, variance {float(weight.var()):.3e}")
-    header = (f"{'case':<28} {'time s':>8} {'x faiss':>7} {'mse':>9} {'popular':>9} "
+    header = (f"{'case':<28} {'time s':>8} {'cpu s':>8} {'x faiss':>7} {'mse':>9} {'popular':>9} "
               f"{'rare':>9} {'weighted':>9} {'perplex':>7} {'dead':>5} {'epochs':>6}")
     print(header)
     print("-" * len(header))
@@ -190,7 +191,7 @@ def main() -> None:
         m, k = (int(v) for v in case.split("x"))
         base = MECConfig(num_subspaces=m, codebook_size=k, epochs=args.epochs)
         variants: List[Tuple[str, MECConfig]] = [("MEC", base)]
-        if args.ablation:
+        if args.ablation and case == args.cases.split(",")[0]:
             variants += [
                 ("  no popularity", dataclasses.replace(base, popularity_weighting=False)),
                 ("  no usage reg", dataclasses.replace(base, reg_weight=0.0)),
@@ -200,18 +201,18 @@ def main() -> None:
             ]
         faiss_s = None
         if not args.no_faiss:
-            faiss_s, st = run_faiss(weight, counts, m, k)
-            _row(f"M={m} K={k} faiss PQ", faiss_s, None, st, "")
+            faiss_s, cpu, st = run_faiss(weight, counts, m, k)
+            _row(f"M={m} K={k} faiss PQ", faiss_s, cpu, None, st, "")
         for label, cfg in variants:
-            s, st, extra = run_mec(weight, counts, cfg, args.progress)
+            s, cpu, st, extra = run_mec(weight, counts, cfg, args.progress)
             ratio = s / faiss_s if faiss_s else None
-            _row(f"M={m} K={k} {label}" if label == "MEC" else label, s, ratio, st,
+            _row(f"M={m} K={k} {label}" if label == "MEC" else label, s, cpu, ratio, st,
                  f"{extra['epochs']}/{extra['best']}")
 
 
-def _row(label: str, seconds: float, ratio, st: Dict, epochs: str) -> None:
+def _row(label: str, seconds: float, cpu: float, ratio, st: Dict, epochs: str) -> None:
     r = f"{ratio:7.1f}" if ratio is not None else f"{'':>7}"
-    print(f"{label:<28} {seconds:8.1f} {r} {st['mse']:9.3e} {st['popular']:9.3e} "
+    print(f"{label:<28} {seconds:8.1f} {cpu:8.1f} {r} {st['mse']:9.3e} {st['popular']:9.3e} "
           f"{st['rare']:9.3e} {st['weighted']:9.3e} {st['perplexity']:7.1f} {st['dead']:5d} "
           f"{epochs:>6}", flush=True)
 

@@ -1,4 +1,8 @@
 """torchrec-mec: MEC embedding compression for TorchRec."""
+from torchrec_mec.distributed import (
+    QuantizedEmbeddingBagCollectionSharder,
+    ShardedQuantizedEmbeddingBagCollection,
+)
 from torchrec_mec.modules import (
     MemoryReport,
     ProductQuantizedTable,
@@ -8,5 +12,6 @@ from torchrec_mec.modules import (
     as_quantized_config,
     code_dtype,
 )
+from torchrec_mec.quantize import MECConfig, QuantizeResult, QuantizeStats, quantize_table, quantize_tables
 
 __version__ = "0.1.0"
