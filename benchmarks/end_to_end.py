@@ -13,6 +13,7 @@ split stays fixed. Prints one line per seed and the mean and standard deviation,
 """
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("torchrec_mec").setLevel(logging.INFO)
 
     rows: List[Dict[str, Any]] = []
     for seed in args.seeds:

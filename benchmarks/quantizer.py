@@ -178,6 +178,10 @@ def main() -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+        if not args.no_faiss:
+            import faiss
+
+            faiss.omp_set_num_threads(args.threads)
 
     t = time.perf_counter()
     weight, counts = synthetic_table(args.rows, args.dim)

@@ -9,7 +9,8 @@ from torchrec_mec.cli import main
 
 QUICK = ["--set", "data.max_rows=3000", "pretrain.epochs=1", "finetune.epochs=1",
          "compress.min_rows=150", "compress.quantizer.epochs=2",
-         "compress.quantizer.samples_per_epoch=2048", "compress.quantizer.early_stopping_patience=0"]
+         "compress.quantizer.samples_per_epoch=2048",
+         "compress.quantizer.early_stopping_patience=0"]
 
 
 @pytest.mark.skipif(not CRITEO_SAMPLE.exists(), reason=MISSING_SAMPLE)

@@ -92,7 +92,8 @@ def embedding_tables(
 
     Example::
 
-        >>> [(t.name, t.num_embeddings) for t in embedding_tables(["C1", "C2"], {"C1": 5, "C2": 9}, 4)]
+        >>> tables = embedding_tables(["C1", "C2"], {"C1": 5, "C2": 9}, 4)
+        >>> [(t.name, t.num_embeddings) for t in tables]
         [('t_C1', 5), ('t_C2', 9)]
     """
     missing = [f for f in sparse_names if f not in num_embeddings]
@@ -120,7 +121,8 @@ class CTRModel(nn.Module):
     Example::
 
         >>> model = build_model(ModelConfig(embedding_dim=4, dense_hidden_sizes=(8,),
-        ...     over_hidden_sizes=(8,)), num_dense=2, sparse_names=["C1"], num_embeddings={"C1": 10})
+        ...     over_hidden_sizes=(8,)), num_dense=2, sparse_names=["C1"],
+        ...     num_embeddings={"C1": 10})
         >>> kjt = KeyedJaggedTensor.from_lengths_sync(keys=["C1"], values=torch.tensor([1, 7]),
         ...                                           lengths=torch.tensor([1, 1]))
         >>> model(torch.randn(2, 2), kjt).shape
@@ -138,7 +140,8 @@ class CTRModel(nn.Module):
         """The (unsharded) embedding collection: an EBC, or a QEBC after compression."""
         return self.arch.sparse_arch.embedding_bag_collection
 
-    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+    def forward(self, dense_features: torch.Tensor,
+                sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         if self.num_dense == 0:
             # Data without dense features (Avazu): DLRM's dense arch still needs an input, and
             # a constant 1 gives it a learned bias vector instead of a zero-width layer.
@@ -176,7 +179,8 @@ def build_model(
     Example::
 
         >>> cfg = ModelConfig(name="deepfm", embedding_dim=8, dense_hidden_sizes=(16,))
-        >>> m = build_model(cfg, 3, ["C1", "C2"], {"C1": 1000, "C2": 7}, compressed={"t_C1": (4, 16)})
+        >>> m = build_model(cfg, 3, ["C1", "C2"], {"C1": 1000, "C2": 7},
+        ...                 compressed={"t_C1": (4, 16)})
         >>> type(m.embedding_bag_collection).__name__
         'QuantizedEmbeddingBagCollection'
         >>> m.embedding_bag_collection.memory_report().tables["t_C1"].compressed
@@ -218,6 +222,7 @@ def build_model(
         if config.name == "dlrm":
             arch = DLRM(**common)  # type: ignore[arg-type]
         else:
-            arch = DLRM_DCN(**common, dcn_num_layers=config.dcn_num_layers,  # type: ignore[arg-type]
+            arch = DLRM_DCN(**common,  # type: ignore[arg-type]
+                            dcn_num_layers=config.dcn_num_layers,
                             dcn_low_rank_dim=config.dcn_low_rank_dim)
     return CTRModel(arch, config, num_dense).to(device or torch.device("cpu"))

@@ -52,8 +52,8 @@ def compressed_model(pretrain_dir: str, compress_dir: str) -> CTRModel:
                          for f in cfg.feature_names},
                         compressed={t: (c.codebooks.shape[0], c.codebooks.shape[1])
                                     for t, c in compressed.items()})
-    state = {k: v for k, v in baseline.state_dict().items()
-             if not any(k == f"{EMBEDDING_PREFIX}embedding_bags.{t}.weight" for t in compressed)}
+    replaced = {f"{EMBEDDING_PREFIX}embedding_bags.{t}.weight" for t in compressed}
+    state = {k: v for k, v in baseline.state_dict().items() if k not in replaced}
     for t, c in compressed.items():
         state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codes"] = c.codes
         state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codebooks"] = c.codebooks

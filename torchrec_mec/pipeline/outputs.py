@@ -153,7 +153,8 @@ def load_model(model_dir: str) -> Tuple[CTRModel, Dict[str, Any]]:
         ...             m.state_dict()["arch.over_arch.model.1.bias"]), meta["fingerprint"]
         (True, 'x')
     """
-    model_uri, tables_uri = os.path.join(model_dir, MODEL_FILE), os.path.join(model_dir, TABLES_FILE)
+    model_uri = os.path.join(model_dir, MODEL_FILE)
+    tables_uri = os.path.join(model_dir, TABLES_FILE)
     dense, meta = load_artifact(model_uri, expect_kind=MODEL_KIND)
     tables, tables_meta = load_artifact(tables_uri, expect_kind=TABLES_KIND)
     arch = meta["architecture"]

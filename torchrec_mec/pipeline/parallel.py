@@ -69,15 +69,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def broadcast_object(ctx: DistContext, obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.Module:
     """Wraps ``model`` in ``DistributedModelParallel`` with this package's sharders.
 

@@ -32,7 +32,7 @@ class PretrainOutput(NamedTuple):
 
     Args:
         model_uri (str): ``model.mec``: dense arch state, architecture, training history.
-        tables_uri (str): ``tables.mec``: the trained embedding tables (``embedding_bags.<t>.weight``).
+        tables_uri (str): ``tables.mec``: the trained tables (``embedding_bags.<t>.weight``).
         counts_uri (str): ``counts.mec``: per table, int64 [rows] occurrences of each id in the
             training split.
     """
@@ -72,7 +72,8 @@ def pretrain(
         ArtifactError: a corrupted checkpoint or output (names the file).
     """
     ctx = init_distributed()
-    out = PretrainOutput(*(os.path.join(out_dir, f) for f in (MODEL_FILE, TABLES_FILE, COUNTS_FILE)))
+    out = PretrainOutput(*(os.path.join(out_dir, f)
+                           for f in (MODEL_FILE, TABLES_FILE, COUNTS_FILE)))
     checkpoint = os.path.join(out_dir, CHECKPOINT_FILE)
     dataset = EncodedDataset(data_dir)
     scope = {"model": settings.model, "pretrain": settings.pretrain,

@@ -27,10 +27,12 @@ from torchrec_mec.pipeline.outputs import (
     MODEL_KIND,
     stage_dir,
 )
-from torchrec_mec.quantize.quantize_table import POPULAR_FRACTION, RARE_FRACTION
-
 REPORT_FILE = "report.json"
 PLOTS_DIR = "plots"
+POPULAR_SHARE = 0.10
+"""Code-usage plots: the most frequent 10% of a table's ids (by training count) are "popular"."""
+RARE_SHARE = 0.50
+"""... and the least frequent 50% are "rare"."""
 
 
 def versions() -> Dict[str, str]:
@@ -108,8 +110,9 @@ def write_report(run_dir: str) -> Dict[str, Any]:
         counts, _ = load_artifact(os.path.join(stage_dir(run_dir, "pretrain"), COUNTS_FILE),
                                   expect_kind=COUNTS_KIND)
         for name, table in sorted(compressed.items()):
+            path = os.path.join(plots, f"code_usage_{name}.png")
             paths.append(plot_code_usage(name, table.codes, table.codebooks.shape[1],
-                                         counts[name], os.path.join(plots, f"code_usage_{name}.png")))
+                                         counts[name], path))
     report["plots"] = paths
     tmp = os.path.join(run_dir, REPORT_FILE + ".tmp")
     with g_pathmgr.open(tmp, "w") as f:
@@ -148,8 +151,9 @@ def summary(report: Mapping[str, Any]) -> str:
 
 
 def plot_training_curves(report: Mapping[str, Any], path: str) -> str:
-    """Training loss per step and validation AUC per epoch, of pre-training (the baseline)
-    and of MEC fine-tuning, which continues where pre-training ended."""
+    """Training loss per step and validation AUC per epoch (0: the starting state), of
+    pre-training (the baseline) and of MEC fine-tuning, drawn after it (fine-tuning starts from
+    the pre-training epoch that was kept, starred)."""
     pre, fine = report["training"]["pretrain"], report["training"]["finetune"]
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_auc = fig.subplots(1, 2)
@@ -164,13 +168,18 @@ def plot_training_curves(report: Mapping[str, Any], path: str) -> str:
         epochs = hist["epochs"]
         ax_auc.plot([start + e["step"] for e in epochs], [e["val_auc"] for e in epochs],
                     marker="o", color=color, label=label)
+        kept = [e for e in epochs if e["epoch"] == hist.get("best_epoch")]
+        if kept:
+            ax_auc.plot([start + kept[0]["step"]], [kept[0]["val_auc"]], marker="*",
+                        markersize=16, color=color, linestyle="none",
+                        label=f"kept: epoch {kept[0]['epoch']} (lowest val log loss)")
     ax_auc.axhline(report["baseline"]["auc"], color="tab:blue", linestyle="--", linewidth=0.8,
                    label=f"test AUC baseline {report['baseline']['auc']:.4f}")
     ax_auc.axhline(report["mec"]["auc"], color="tab:orange", linestyle="--", linewidth=0.8,
                    label=f"test AUC MEC {report['mec']['auc']:.4f}")
     ax_loss.set(title="training loss (global batch mean; line: moving average)", xlabel="step",
                 ylabel="binary cross-entropy")
-    ax_auc.set(title="validation AUC after each epoch", xlabel="step", ylabel="AUC")
+    ax_auc.set(title="validation AUC (epoch 0: starting state)", xlabel="step", ylabel="AUC")
     ax_loss.legend()
     ax_auc.legend(fontsize="small")
     fig.tight_layout()
@@ -206,8 +215,9 @@ def code_usage(codes: torch.Tensor, codebook_size: int, counts: torch.Tensor
                ) -> Dict[str, np.ndarray]:
     """Share of each codeword, per codebook, among popular and among rare ids.
 
-    Popular ids are the top ``POPULAR_FRACTION`` by training count, rare ids the bottom
-    ``RARE_FRACTION`` (the quantizer's own statistics use the same split).
+    Popular ids are the top ``POPULAR_SHARE`` by training count, rare ids the bottom
+    ``RARE_SHARE`` (the quantizer's statistics take the top 1%, too few ids to show usage in
+    the small tables of the samples).
 
     Returns:
         ``{"popular": [M, K], "rare": [M, K]}``, rows summing to 1.
@@ -221,8 +231,8 @@ def code_usage(codes: torch.Tensor, codebook_size: int, counts: torch.Tensor
     """
     n = codes.shape[0]
     order = torch.argsort(counts, stable=True)
-    groups = {"popular": order[n - max(1, math.ceil(POPULAR_FRACTION * n)):],
-              "rare": order[: max(1, int(RARE_FRACTION * n))]}
+    groups = {"popular": order[n - max(1, math.ceil(POPULAR_SHARE * n)):],
+              "rare": order[: max(1, int(RARE_SHARE * n))]}
     out = {}
     for name, rows in groups.items():
         c = codes[rows].long()
@@ -255,8 +265,8 @@ def plot_code_usage(name: str, codes: torch.Tensor, codebook_size: int, counts: 
         ax.legend(fontsize="x-small")
     for ax in axes[m_count:]:
         ax.set_visible(False)
-    fig.suptitle(f"{name}: code usage of the top {POPULAR_FRACTION:.0%} and bottom "
-                 f"{RARE_FRACTION:.0%} of ids by training count ({codes.shape[0]:,} rows)")
+    fig.suptitle(f"{name}: code usage of the top {POPULAR_SHARE:.0%} and bottom "
+                 f"{RARE_SHARE:.0%} of ids by training count ({codes.shape[0]:,} rows)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path

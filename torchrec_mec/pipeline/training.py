@@ -175,7 +175,8 @@ def train_model(
     resumed = _resume(checkpoint_uri, fingerprint, ctx, runner, optimizer, own)
     if resumed is not None:
         epoch, skip, history, best = resumed
-        logger.info("%s: resuming from %s (epoch %d, step %d)", desc, checkpoint_uri, epoch + 1, skip)
+        logger.info("%s: resuming from %s (epoch %d, step %d)", desc, checkpoint_uri,
+                    epoch + 1, skip)
     keep_best = settings.keep_best and dataset.num_rows("val") > 0
     if keep_best and not history.epochs:
         best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc, True,
@@ -256,7 +257,8 @@ def _sparse_table_gradients(model: nn.Module) -> None:
                 bag.sparse = True
 
 
-def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any, ctx: DistContext) -> float:
+def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any,
+                ctx: DistContext) -> float:
     """One optimizer step on this rank's slice of a global batch; returns the global mean loss."""
     batch = batch.to(ctx.device)
     logits = runner(batch.dense_features, batch.sparse_features)

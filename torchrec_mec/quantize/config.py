@@ -41,6 +41,8 @@ class MECConfig:
             soft assignment from uniform).
         usage_temperature (float): temperature of the soft assignments, in units of each
             subspace's mean squared quantization error after initialisation.
+        usage_rows (int): rows of each (randomly drawn) batch the usage regularizer is
+            estimated on; its [M, rows, K] soft assignments dominate a step's cost.
         contrastive_weight (float): weight of the InfoNCE term with semi-synthetic negatives.
         num_negatives (int): semi-synthetic negatives per row (one random code replaced each).
         contrastive_temperature (float): InfoNCE temperature on cosine similarities.
@@ -73,6 +75,7 @@ class MECConfig:
     commitment_weight: float = 1.0
     reg_weight: float = 0.1
     usage_temperature: float = 1.0
+    usage_rows: int = 2048
     contrastive_weight: float = 2e-3
     num_negatives: int = 4
     contrastive_temperature: float = 0.1
@@ -84,7 +87,8 @@ class MECConfig:
     holdout_rows: int = 16_384
 
     def __post_init__(self) -> None:
-        positive = ("num_subspaces", "epochs", "samples_per_epoch", "batch_size", "num_negatives")
+        positive = ("num_subspaces", "epochs", "samples_per_epoch", "batch_size", "num_negatives",
+                    "usage_rows")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"MECConfig.{field} must be >= 1, got {getattr(self, field)}")

@@ -44,8 +44,9 @@ def mean_soft_assignment(
     """Each codebook's (weighted) batch mean of ``softmax(logits)``: [M, B, K] -> [M, K]."""
     p = torch.softmax(logits, dim=-1)
     if weights is None:
-        return p.mean(1)
-    return (p * weights.view(1, -1, 1)).sum(1) / weights.sum()
+        weights = torch.ones(p.shape[1])
+    # A [B] x [M, B, K] product: its backward is an outer product, not an [M, B, K] division.
+    return torch.matmul(weights / weights.sum(), p)
 
 
 def usage_regularizer(logits: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:

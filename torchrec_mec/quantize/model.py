@@ -11,9 +11,6 @@ class QuantizerOutput(NamedTuple):
     z: torch.Tensor  # [B, D] encoder output
     codes: torch.Tensor  # [B, M] long, nearest codeword of each sub-vector of z
     q: torch.Tensor  # [B, D] concatenated codewords (gradient to the codebooks)
-    # [M, B, K] soft-assignment logits -||z_m - C[m, k]||^2 / temperature[m], up to a per-row
-    # constant (softmax and argmax do not see it); with gradient only if asked for.
-    logits: torch.Tensor
 
 
 class MECQuantizer(nn.Module):
@@ -132,24 +129,21 @@ class MECQuantizer(nn.Module):
         sub = self.codebooks[torch.arange(self.num_subspaces), codes]  # [..., M, d]
         return sub.flatten(-2)
 
-    def forward(
-        self, x: torch.Tensor, temperature: Optional[torch.Tensor] = None
-    ) -> QuantizerOutput:
-        """Encodes standardised rows x [B, D] and quantizes z to its nearest codewords.
-
-        With ``temperature`` [M], the output's logits carry gradient (for the usage
-        regularizer); without, they are computed without autograd and scaled by 1.
-        """
+    def forward(self, x: torch.Tensor) -> QuantizerOutput:
+        """Encodes standardised rows x [B, D] and quantizes z to its nearest codewords."""
         z = self.encode(x)
+        codes = nearest_codewords(z.detach(), self.codebooks.detach(), z.shape[0])
+        return QuantizerOutput(z=z, codes=codes, q=self.lookup(codes))
+
+    def assignment_logits(self, z: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Soft-assignment logits [M, B, K]: ``-||z_m - C[m, k]||^2 / temperature[m]`` up to a
+        per-row constant (which softmax does not see), with gradient to z and the codebooks."""
         zs = z.view(-1, self.num_subspaces, self.sub_dim).transpose(0, 1)  # [M, B, d]
-        with torch.set_grad_enabled(temperature is not None and torch.is_grad_enabled()):
-            # One fused baddbmm: (2 z.c - ||c||^2) / tau, temperature folded into the small
-            # operands, so the [M, B, K] tensor sees no extra elementwise passes.
-            inv = (1.0 / temperature if temperature is not None else torch.ones(1)).view(-1, 1, 1)
-            cb_sq = self.codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
-            logits = torch.baddbmm(-cb_sq * inv, zs * (2 * inv), self.codebooks.transpose(1, 2))
-        codes = logits.detach().argmax(-1).T  # [B, M]
-        return QuantizerOutput(z=z, codes=codes, q=self.lookup(codes), logits=logits)
+        # One fused baddbmm, the temperature folded into the small operands, so the [M, B, K]
+        # tensor sees no extra elementwise passes.
+        inv = (1.0 / temperature).view(-1, 1, 1)
+        cb_sq = self.codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
+        return torch.baddbmm(-cb_sq * inv, zs * (2 * inv), self.codebooks.transpose(1, 2))
 
     @torch.no_grad()
     def compute_codes(self, rows: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:

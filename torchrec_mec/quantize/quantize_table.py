@@ -272,11 +272,10 @@ def _mec_loss(
     generator: torch.Generator,
     weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, QuantizerOutput]:
-    """Loss of a batch of standardised rows without the usage term, and the quantizer's output
-    (its logits carry gradient when ``reg_weight`` > 0). The usage term is a function of a set
-    of rows (the training batch, the whole held-out set), so the callers add it."""
-    tau = model.distortion * config.usage_temperature if config.reg_weight else None
-    out = model(x, tau)
+    """Loss of a batch of standardised rows without the usage term, and the quantizer's output.
+    The usage term is a function of a set of rows (part of the training batch, the whole
+    held-out set), so the callers add it."""
+    out = model(x)
     # Straight-through: value q; gradient to z (encoder) and to q (codebooks), which live in
     # x's space, so the reconstruction term trains them directly (no separate codebook term).
     q_st = out.q + (out.z - out.z.detach())
@@ -311,7 +310,8 @@ def _train_epoch(
         x = model.standardize(weight[rows[start : start + config.batch_size]])
         loss, out = _mec_loss(model, x, config, generator)
         if config.reg_weight:
-            loss = loss + config.reg_weight * usage_regularizer(out.logits)
+            logits = model.assignment_logits(out.z[: config.usage_rows], _temperature(model, config))
+            loss = loss + config.reg_weight * usage_regularizer(logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -320,6 +320,10 @@ def _train_epoch(
     if config.reseed_dead:
         _reseed_dead(model, optimizer, usage.view(m, k), out.z.detach(), generator)
     return total / steps
+
+
+def _temperature(model: MECQuantizer, config: MECConfig) -> torch.Tensor:
+    return model.distortion * config.usage_temperature
 
 
 @torch.no_grad()
@@ -370,7 +374,8 @@ def _heldout_loss(
         x = model.standardize(weight[holdout[start : start + config.batch_size]])
         loss, out = _mec_loss(model, x, config, generator, w)
         if config.reg_weight:
-            usage += mean_soft_assignment(out.logits, w) * w.sum()
+            logits = model.assignment_logits(out.z, _temperature(model, config))
+            usage += mean_soft_assignment(logits, w) * w.sum()
         weighted_loss += float(loss) * float(w.sum())
     total = weighted_loss / float(weights.sum())
     if config.reg_weight:

@@ -49,6 +49,8 @@ constexpr int64_t kPrefetchDistance = 16;
 constexpr int64_t kBagsPerChunk = 32;
 // Columns of a full table's gradient owned by one backward task (one 64-byte line).
 constexpr int64_t kFullColumnsPerTask = 16;
+// How many bags ahead the backward prefetches the output gradient's row.
+constexpr int64_t kPrefetchBags = 4;
 
 struct Table {
   bool compressed = false;
@@ -430,57 +432,78 @@ struct BackwardState {
   std::vector<std::vector<int64_t>> features_of_table;
 };
 
-// Accumulates subspace m of table t's codebook gradient over every feature that reads t.
-template <typename CodeT, int SUB>
-MEC_INLINE void codebook_grad(BackwardState& s, int64_t t, int64_t m) {
+// Calls add(begin, end, g, scale) for every non-empty bag of feature f, where g points at the
+// bag's output gradient (plus `col`) and scale is 1 or, for MEAN, 1 / length. Rows of the output
+// gradient are a whole output row apart, so the row a few bags ahead is prefetched.
+template <typename F>
+MEC_INLINE void for_each_bag(const BackwardState& s, int64_t f, int64_t col, const F& add) {
   const Plan& plan = s.plan;
-  const Table& table = plan.tables[t];
-  const int64_t d = SUB > 0 ? SUB : table.d;
-  float* grad = s.grads[t] + m * table.K * d;
-  std::fill(grad, grad + table.K * d, 0.0f);
-  for (int64_t f : s.features_of_table[t]) {
-    const Feature& fe = plan.features[f];
-    const int64_t n = fe.id_end - fe.id_begin;
-    // This feature's codes of subspace m, indexed by position in `values` minus id_begin.
-    const CodeT* codes = reinterpret_cast<const CodeT*>(s.saved + fe.saved) + m * n;
-    for (int64_t b = 0; b < plan.batch; ++b) {
-      const int64_t r = f * plan.batch + b;
-      const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
-      if (begin == end) continue;
-      const float scale = fe.mean ? 1.0f / static_cast<float>(end - begin) : 1.0f;
-      const float* g = s.grad_out + b * plan.total_dim + fe.col + m * d;
-      for (int64_t j = begin; j < end; ++j) {
-        const float w = plan.weights ? plan.weights[j] * scale : scale;
-        axpy<SUB>(grad + static_cast<int64_t>(codes[j - fe.id_begin]) * d, g, w, d);
-      }
-    }
+  const Feature& fe = plan.features[f];
+  const int64_t batch = plan.batch, ld = plan.total_dim;
+  const int64_t* const offsets = plan.offsets + f * batch;
+  const float* g = s.grad_out + fe.col + col;
+  for (int64_t b = 0; b < batch; ++b, g += ld) {
+    if (b + kPrefetchBags < batch) __builtin_prefetch(g + kPrefetchBags * ld, 0, 1);
+    const int64_t begin = offsets[b], end = offsets[b + 1];
+    if (begin == end) continue;
+    add(begin, end, g, fe.mean ? 1.0f / static_cast<float>(end - begin) : 1.0f);
   }
 }
 
+// Accumulates subspace m of table t's codebook gradient over every feature that reads t.
+template <typename CodeT, int SUB>
+MEC_INLINE void codebook_grad(BackwardState& s, int64_t t, int64_t m) {
+  const Table& table = s.plan.tables[t];
+  const int64_t d = SUB > 0 ? SUB : table.d;
+  const float* const weights = s.plan.weights;
+  float* const grad = s.grads[t] + m * table.K * d;
+  std::fill(grad, grad + table.K * d, 0.0f);
+  for (int64_t f : s.features_of_table[t]) {
+    const Feature& fe = s.plan.features[f];
+    // This feature's codes of subspace m, indexed by position in `values` minus id_begin.
+    const CodeT* const codes = reinterpret_cast<const CodeT*>(s.saved + fe.saved) +
+        m * (fe.id_end - fe.id_begin) - fe.id_begin;
+    for_each_bag(s, f, m * d, [&](int64_t begin, int64_t end, const float* g, float scale) {
+      if constexpr (SUB > 0) {
+        const Vec<SUB> gv = load<SUB>(g);  // one load per bag, not one per id
+        for (int64_t j = begin; j < end; ++j) {
+          float* const y = grad + static_cast<int64_t>(codes[j]) * SUB;
+          store<SUB>(y, load<SUB>(y) + (weights ? weights[j] * scale : scale) * gv);
+        }
+      } else {
+        for (int64_t j = begin; j < end; ++j) {
+          axpy<0>(grad + static_cast<int64_t>(codes[j]) * d, g,
+                  weights ? weights[j] * scale : scale, d);
+        }
+      }
+    });
+  }
+}
+
+// Accumulates columns [16 part, 16 part + 16) of full table t's gradient.
 template <typename IdT>
 MEC_INLINE void full_grad(BackwardState& s, int64_t t, int64_t part) {
-  const Plan& plan = s.plan;
-  const Table& table = plan.tables[t];
-  const int64_t c0 = part * kFullColumnsPerTask;
-  const int64_t width = std::min(kFullColumnsPerTask, table.D - c0);
-  const IdT* ids = static_cast<const IdT*>(plan.values);
-  float* grad = s.grads[t] + c0;
+  const Table& table = s.plan.tables[t];
+  const int64_t c0 = part * kFullColumnsPerTask, D = table.D;
+  const int64_t width = std::min(kFullColumnsPerTask, D - c0);
+  const IdT* const ids = static_cast<const IdT*>(s.plan.values);
+  const float* const weights = s.plan.weights;
+  float* const grad = s.grads[t] + c0;
   for (int64_t row = 0; row < table.rows; ++row) {
-    std::fill(grad + row * table.D, grad + row * table.D + width, 0.0f);
+    std::fill(grad + row * D, grad + row * D + width, 0.0f);
   }
   for (int64_t f : s.features_of_table[t]) {
-    const Feature& fe = plan.features[f];
-    for (int64_t b = 0; b < plan.batch; ++b) {
-      const int64_t r = f * plan.batch + b;
-      const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
-      if (begin == end) continue;
-      const float scale = fe.mean ? 1.0f / static_cast<float>(end - begin) : 1.0f;
-      const float* g = s.grad_out + b * plan.total_dim + fe.col + c0;
+    for_each_bag(s, f, c0, [&](int64_t begin, int64_t end, const float* g, float scale) {
       for (int64_t j = begin; j < end; ++j) {
-        const float w = plan.weights ? plan.weights[j] * scale : scale;
-        axpy<0>(grad + static_cast<int64_t>(ids[j]) * table.D, g, w, width);
+        float* const y = grad + static_cast<int64_t>(ids[j]) * D;
+        const float w = weights ? weights[j] * scale : scale;
+        if (width == kFullColumnsPerTask) {
+          axpy<kFullColumnsPerTask>(y, g, w, width);
+        } else {
+          axpy<0>(y, g, w, width);
+        }
       }
-    }
+    });
   }
 }
 
