@@ -49,8 +49,9 @@ constexpr int64_t kPrefetchDistance = 16;
 constexpr int64_t kBagsPerChunk = 32;
 // Columns of a full table's gradient owned by one backward task (one 64-byte line).
 constexpr int64_t kFullColumnsPerTask = 16;
-// How many bags ahead the backward prefetches the output gradient's row.
-constexpr int64_t kPrefetchBags = 4;
+// How many bags ahead the backward prefetches the output gradient row (one line per bag: the
+// rows are far apart, and with one id per bag there is little work to hide the latency behind).
+constexpr int64_t kPrefetchBags = 48;
 
 struct Table {
   bool compressed = false;
