@@ -4,8 +4,8 @@ Criteo-shaped tables (the 26 Criteo Kaggle categorical features, rows capped as 
 ``max_ind_range`` does, dim 128; the full size is 4.09 GiB of float32), Zipf-distributed ids,
 1 and 20 ids per bag. Tables with at least 4096 rows are product-quantized (M=8 one-byte codes,
 K=256), the small ones stay full, as MEC does. Every method runs on the same batches, and the
-methods alternate within each repeat so that load from other jobs hits all of them alike;
-medians are printed.
+methods alternate within each repeat (in rotating order) so that load from other jobs hits all of
+them alike; medians are printed.
 
 Baselines:
   * forward: TorchRec's ``EmbeddingBagCollection`` (one ``nn.EmbeddingBag`` per table, what an
@@ -72,7 +72,7 @@ class Setup:
 
 
 FULL = Setup(rows_cap=1_600_000, dim=128, batch=4096, ids_per_bag=(1, 20), num_batches=6,
-             repeats=9, train_repeats=5)
+             repeats=15, train_repeats=7)
 QUICK = Setup(rows_cap=50_000, dim=128, batch=1024, ids_per_bag=(1, 20), num_batches=3,
               repeats=3, train_repeats=2)
 
@@ -151,7 +151,7 @@ def run_interleaved(methods: List[Method], repeats: int, num_batches: int) -> No
         m.step(0)
         m.peak = peak_allocated(lambda: m.step(1 % num_batches))
     for r in range(repeats):
-        for m in methods:
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:  # no fixed order
             gc.collect()
             t0 = time.perf_counter()
             m.step((r + 2) % num_batches)

@@ -136,8 +136,8 @@ def _driver_rank(rank: int, world_size: int, port: int, args: argparse.Namespace
 
 
 def driver_benchmark(args: argparse.Namespace) -> None:
-    """quantize_tables over equal tables: one process with all threads, then 2 processes."""
-    torch.set_num_threads(2 * args.threads_per_rank)
+    """quantize_tables over equal tables: one process, then 2 processes, same threads each."""
+    torch.set_num_threads(args.threads_per_rank)
     tables = _driver_tables(args.rows, args.dim, args.tables)
     with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as two:
         started = time.perf_counter()
@@ -151,9 +151,8 @@ def driver_benchmark(args: argparse.Namespace) -> None:
         mp.start_processes(_driver_rank, args=(2, port, args, two, queue), nprocs=2,
                            start_method="spawn")
         ranks = [queue.get() for _ in range(2)]
-    print(f"{args.tables} tables of {args.rows:,} x {args.dim}: 1 process "
-          f"({2 * args.threads_per_rank} threads) {single:.1f}s; 2 processes "
-          f"({args.threads_per_rank} thread each) {max(ranks):.1f}s; "
+    print(f"{args.tables} tables of {args.rows:,} x {args.dim}, {args.threads_per_rank} "
+          f"thread(s) per process: 1 process {single:.1f}s; 2 processes {max(ranks):.1f}s; "
           f"speed-up {single / max(ranks):.2f}x")
 
 

@@ -7,8 +7,8 @@ import pytest
 from tests.pipeline_testing import AVAZU_SAMPLE, CRITEO_SAMPLE, MISSING_SAMPLE
 from torchrec_mec.cli import main
 
-QUICK = ["--set", "data.max_rows=3000", "pretrain.epochs=1", "finetune.epochs=1",
-         "compress.min_rows=150", "compress.quantizer.epochs=2",
+QUICK = ["--set", "data.max_rows=2000", "pretrain.epochs=1", "finetune.epochs=1",
+         "compress.min_rows=150", "compress.quantizer.epochs=1",
          "compress.quantizer.samples_per_epoch=2048",
          "compress.quantizer.early_stopping_patience=0"]
 
@@ -20,7 +20,7 @@ def test_criteo_sample_end_to_end(tmp_path, capsys):
                  "--preset", "sample", "--no-progress", *QUICK]) == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["data"]["num_rows"]["train"] + report["data"]["num_rows"]["val"] \
-        + report["data"]["num_rows"]["test"] == 3000
+        + report["data"]["num_rows"]["test"] == 2000
     assert len(report["tables"]) == 26
     big = {t for t, v in report["tables"].items() if v["rows"] >= 150}
     assert big and {t for t, v in report["tables"].items() if v["compressed"]} == big

@@ -14,7 +14,7 @@ from tests.pipeline_testing import repo_env, tiny_flags, tiny_settings
 from torchrec_mec.data import prepare_dataset
 from torchrec_mec.pipeline import load_model, pretrain, stage_dir
 
-EXTRA = {"pretrain__epochs": 3, "pretrain__checkpoint_every": 4}
+EXTRA = {"pretrain__epochs": 2, "pretrain__checkpoint_every": 4}
 
 
 def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -39,7 +39,7 @@ def test_killed_pretrain_resumes_to_the_uninterrupted_state(tmp_path):
     pretrain(stage_dir(whole, "data"), stage_dir(whole, "pretrain"), settings, progress=False)
 
     cmd = [sys.executable, "-m", "torchrec_mec.cli", "pretrain", "--out", killed, "--preset",
-           "sample", "--no-progress", *tiny_flags(), "pretrain.epochs=3",
+           "sample", "--no-progress", *tiny_flags(), "pretrain.epochs=2",
            "pretrain.checkpoint_every=4"]
     proc = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = os.path.join(stage_dir(killed, "pretrain"), "checkpoint.mec")

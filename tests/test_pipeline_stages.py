@@ -15,6 +15,7 @@ from torchrec_mec.data import EncodedDataset
 from torchrec_mec.pipeline import (
     compress,
     compressed_model,
+    evaluate_model,
     finetune,
     load_compressed,
     load_model,
@@ -24,6 +25,7 @@ from torchrec_mec.pipeline import (
     stage_dir,
     summary,
 )
+from torchrec_mec.pipeline.parallel import DistContext
 
 COMPRESSED = ["t_C1", "t_C2"]  # the tables of >= 300 rows (801 and 401)
 
@@ -101,6 +103,18 @@ def test_evaluate_matches_a_direct_evaluation_of_the_saved_models(tiny_run):
         assert metrics[name]["num_samples"] == len(labels)
 
 
+def test_pretrain_keeps_the_epoch_with_the_lowest_validation_logloss(tiny_run):
+    out, _ = tiny_run
+    model, meta = load_model(stage_dir(out, "pretrain"))
+    epochs = meta["history"]["epochs"]
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # the starting state is validated too
+    best = min(epochs, key=lambda e: e["val_logloss"])
+    assert meta["history"]["best_epoch"] == best["epoch"]
+    val = evaluate_model(model, EncodedDataset(stage_dir(out, "data")), "val", 512,
+                         DistContext(0, 1, torch.device("cpu")), progress=False)
+    assert val.logloss == pytest.approx(best["val_logloss"], abs=1e-6)
+
+
 def test_counts_are_the_training_split_id_counts(tiny_run):
     out, _ = tiny_run
     counts, _ = load_artifact(os.path.join(stage_dir(out, "pretrain"), "counts.mec"))
@@ -163,7 +177,7 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(tiny_run, tmp_path)
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     before = {s: _mtime(os.path.join(copy, os.path.relpath(p, out))) for s, p in files.items()}
-    run(None, "synthetic", copy, tiny_settings(finetune__dense_lr=1e-4), progress=False)
+    run(None, "synthetic", copy, tiny_settings(finetune__dense_lr=3e-4), progress=False)
     after = {s: _mtime(os.path.join(copy, os.path.relpath(p, out))) for s, p in files.items()}
     assert after["pretrain"] == before["pretrain"] and after["compress"] == before["compress"]
     assert after["finetune"] != before["finetune"] and after["evaluate"] != before["evaluate"]

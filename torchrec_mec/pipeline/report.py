@@ -138,7 +138,7 @@ def summary(report: Mapping[str, Any]) -> str:
     """
     b, m, mem = report["baseline"], report["mec"], report["memory"]
     n_comp = sum(1 for t in report["tables"].values() if t["compressed"])
-    return "\n".join([
+    lines = [
         f"MEC ({report['settings']['model']['name']}): {n_comp} of {len(report['tables'])} "
         f"tables compressed",
         f"  embedding memory  {_bytes(mem['baseline_bytes'])} -> {_bytes(mem['mec_bytes'])}  "
@@ -146,8 +146,13 @@ def summary(report: Mapping[str, Any]) -> str:
         f"  test AUC          {b['auc']:.4f} -> {m['auc']:.4f}  ({m['auc'] - b['auc']:+.4f})",
         f"  test log loss     {b['logloss']:.4f} -> {m['logloss']:.4f}  "
         f"({m['logloss'] - b['logloss']:+.4f})",
-        f"  report: {os.path.join(report['run_dir'], REPORT_FILE)}",
-    ])
+    ]
+    fine = report.get("training", {}).get("finetune", {})
+    if fine.get("best_epoch") is not None:
+        lines.append(f"  fine-tuning       kept epoch {fine['best_epoch']} of "
+                     f"{len(fine['epochs']) - 1} (lowest validation log loss; 0 = none)")
+    lines.append(f"  report: {os.path.join(report['run_dir'], REPORT_FILE)}")
+    return "\n".join(lines)
 
 
 def plot_training_curves(report: Mapping[str, Any], path: str) -> str:
@@ -225,9 +230,9 @@ def code_usage(codes: torch.Tensor, codebook_size: int, counts: torch.Tensor
     Example::
 
         >>> codes = torch.tensor([[0], [0], [1], [1]], dtype=torch.uint8)
-        >>> u = code_usage(codes, 2, torch.tensor([100, 1, 1, 1]))
+        >>> u = code_usage(codes, 2, torch.tensor([100, 50, 1, 1]))
         >>> u["popular"].tolist(), u["rare"].tolist()
-        [[[1.0, 0.0]], [[0.0, 1.0]]]
+        ([[1.0, 0.0]], [[0.0, 1.0]])
     """
     n = codes.shape[0]
     order = torch.argsort(counts, stable=True)
