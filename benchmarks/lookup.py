@@ -73,7 +73,7 @@ class Setup:
 
 FULL = Setup(rows_cap=1_600_000, dim=128, batch=4096, ids_per_bag=(1, 20), num_batches=6,
              repeats=15, train_repeats=7)
-QUICK = Setup(rows_cap=50_000, dim=128, batch=1024, ids_per_bag=(1, 20), num_batches=3,
+QUICK = Setup(rows_cap=50_000, dim=128, batch=1024, ids_per_bag=(20,), num_batches=3,
               repeats=3, train_repeats=2)
 
 

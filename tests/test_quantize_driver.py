@@ -80,7 +80,12 @@ def test_rerun_skips_finished_tables_and_redoes_stale_ones(tmp_path, monkeypatch
     first = quantize_tables(tables, CFG, str(tmp_path), min_rows=1000, progress=False)
     calls = []
     real = driver.quantize_table
-    monkeypatch.setattr(driver, "quantize_table", lambda *a, **k: calls.append(k["name"]) or real(*a, **k))
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["name"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "quantize_table", counting)
     again = quantize_tables(tables, CFG, str(tmp_path), min_rows=1000, progress=False)
     assert calls == [] and all(same_result(first[t], again[t]) for t in ("ads", "users"))
     changed = dataclasses.replace(CFG, reg_weight=0.0)

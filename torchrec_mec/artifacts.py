@@ -154,7 +154,8 @@ def _parse_first_line(uri: str, line: bytes) -> Dict[str, Any]:
         raise ArtifactError(f"artifact {uri}: not a {FORMAT_NAME} file (bad header line)")
     if parts[1] != f"v{FORMAT_VERSION}":
         raise ArtifactError(
-            f"artifact {uri}: format version {parts[1]} is not supported (this is v{FORMAT_VERSION})"
+            f"artifact {uri}: format version {parts[1]} is not supported "
+            f"(this is v{FORMAT_VERSION})"
         )
     fields = dict(p.split("=", 1) for p in parts[2:] if "=" in p)
     try:

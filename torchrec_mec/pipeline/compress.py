@@ -32,6 +32,12 @@ class CompressedTable(NamedTuple):
         codes (Tensor): [rows, M], uint8 or uint16.
         codebooks (Tensor): [M, K, D / M] float32.
         stats (Dict[str, Any]): the quantizer's statistics (``QuantizeStats.to_dict()``).
+
+    Example::
+
+        >>> t = CompressedTable(torch.zeros(10, 4, dtype=torch.uint8), torch.zeros(4, 16, 2), {})
+        >>> t.codebooks.shape[:2]  # M, K
+        torch.Size([4, 16])
     """
 
     codes: torch.Tensor

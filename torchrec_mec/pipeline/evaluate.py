@@ -41,6 +41,11 @@ class Metrics:
         auc (float): area under the ROC curve.
         logloss (float): mean binary cross-entropy (natural log).
         num_samples (int): rows scored (all ranks together).
+
+    Example::
+
+        >>> Metrics(auc=0.75, logloss=0.45, num_samples=1000).auc
+        0.75
     """
 
     auc: float

@@ -29,7 +29,13 @@ logger = logging.getLogger(__name__)
 
 class FinetuneOutput(NamedTuple):
     """Stage 3's files: ``model.mec`` (dense arch, architecture, history) and ``tables.mec``
-    (the QEBC state: codes, codebooks, full small tables)."""
+    (the QEBC state: codes, codebooks, full small tables).
+
+    Example::
+
+        >>> FinetuneOutput("r/finetune/model.mec", "r/finetune/tables.mec").tables_uri
+        'r/finetune/tables.mec'
+    """
 
     model_uri: str
     tables_uri: str

@@ -35,6 +35,12 @@ class PretrainOutput(NamedTuple):
         tables_uri (str): ``tables.mec``: the trained tables (``embedding_bags.<t>.weight``).
         counts_uri (str): ``counts.mec``: per table, int64 [rows] occurrences of each id in the
             training split.
+
+    Example::
+
+        >>> PretrainOutput("r/pretrain/model.mec", "r/pretrain/tables.mec",
+        ...                "r/pretrain/counts.mec").counts_uri
+        'r/pretrain/counts.mec'
     """
 
     model_uri: str

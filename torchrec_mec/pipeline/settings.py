@@ -39,6 +39,11 @@ class DataSettings:
         max_rows (Optional[int]): read at most this many rows of the raw file.
         bad_rows (str): ``"report"`` (skip and count malformed rows) or ``"fail"``.
         synthetic (SyntheticConfig): the generator's settings for ``--format synthetic``.
+
+    Example::
+
+        >>> DataSettings(min_count=1, split=(0.9, 0.05, 0.05)).split
+        (0.9, 0.05, 0.05)
     """
 
     min_count: int = DEFAULT_MIN_COUNT
@@ -68,6 +73,11 @@ class TrainSettings:
         keep_best (bool): validate the starting state and every epoch and keep the state with
             the lowest validation log loss (for fine-tuning, the starting state is the
             compressed model before any training); off keeps the last epoch.
+
+    Example::
+
+        >>> TrainSettings(epochs=2, batch_size=4096).batch_size // 2  # per rank, on 2 ranks
+        2048
     """
 
     epochs: int = 1
@@ -93,6 +103,11 @@ class CompressSettings:
         min_rows (int): tables with at least this many rows are compressed; smaller ones stay
             full (MEC's published code: 100,000). Must be >= the codebook size.
         quantizer (MECConfig): M, K, losses and schedule of the quantizer.
+
+    Example::
+
+        >>> CompressSettings(min_rows=500, quantizer=MECConfig(codebook_size=32)).min_rows
+        500
     """
 
     min_rows: int = 100_000
@@ -110,6 +125,11 @@ class EvaluateSettings:
 
     Args:
         batch_size (int): global batch size of evaluation.
+
+    Example::
+
+        >>> EvaluateSettings(batch_size=1024).batch_size
+        1024
     """
 
     batch_size: int = 16384
@@ -166,7 +186,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 class SettingsError(ValueError):
-    """A preset, config file or override that does not fit :class:`Settings`; names the key."""
+    """A preset, config file or override that does not fit :class:`Settings`; names the key.
+
+    Example::
+
+        >>> try:
+        ...     load_settings(overrides={"model.depth": 3})
+        ... except SettingsError as e:
+        ...     print(str(e).split(";")[0])
+        override model.depth: unknown setting 'model.depth'
+    """
 
 
 def load_settings(

@@ -60,6 +60,12 @@ class TrainHistory:
             0), ``val_auc``, ``val_logloss``.
         best_epoch (Optional[int]): the epoch whose state was kept (``keep_best``); None when
             the last epoch's state is returned.
+
+    Example::
+
+        >>> h = TrainHistory(step_loss=[0.7, 0.6], best_epoch=1)
+        >>> h.to_dict()["best_epoch"]
+        1
     """
 
     step_loss: List[float] = field(default_factory=list)
@@ -78,6 +84,11 @@ class TrainResult:
         state (Optional[Dict[str, Tensor]]): the trained model's full state dict on rank 0
             (``None`` on other ranks): the best epoch's with ``keep_best``, else the last.
         history (TrainHistory): losses and validation metrics.
+
+    Example::
+
+        >>> TrainResult(state=None, history=TrainHistory()).history.step_loss
+        []
     """
 
     state: Optional[Dict[str, torch.Tensor]]

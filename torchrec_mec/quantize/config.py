@@ -25,7 +25,8 @@ class MECConfig:
         samples_per_epoch (int): rows drawn (popularity-weighted, with replacement) per epoch.
             Training cost does not grow with the table; encoding all rows at the end does.
         batch_size (int): rows per optimizer step (the method's published 8,000 to 12,000).
-        lr (float): Adam learning rate, in units of the table's standardised scale.
+        lr (float): Adam learning rate, in units of the table's standardised scale (the
+            published 1e-4 was for unscaled rows and far more steps; see docs/quantizer.md).
         seed (int): seeds every random draw (one ``torch.Generator``).
         popularity_weighting (bool): weight row i by ``max(1, floor(log2 count_i))`` in training
             samples, the k-means sample and the held-out loss; off weighs every row 1.
@@ -38,7 +39,9 @@ class MECConfig:
             holds the encoder at the identity unless the usage or contrastive terms pay for a
             move; VQ-VAE's 0.25 lets the encoder drift and the held-out loss rise.
         reg_weight (float): weight of the code-usage regularizer (KL of each codebook's mean
-            soft assignment from uniform).
+            soft assignment from uniform). The reconstruction term is in units of the table's
+            variance, so the published 1e-4 does not carry over; 0.1 was measured to raise
+            perplexity at little reconstruction cost (docs/quantizer.md).
         usage_temperature (float): temperature of the soft assignments, in units of each
             subspace's mean squared quantization error after initialisation.
         usage_rows (int): rows of each (randomly drawn) batch the usage regularizer is

@@ -59,6 +59,16 @@ class QuantizeStats:
         heldout_loss (List[float]): held-out loss after initialisation and after each epoch.
         resumed_from_epoch (int): epoch of the checkpoint this run resumed from (0: none).
         seconds (float): wall time of training and encoding, summed over resumed runs.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> cfg = MECConfig(num_subspaces=2, codebook_size=4, epochs=1, samples_per_epoch=256,
+        ...                 batch_size=128)
+        >>> stats = quantize_table(torch.randn(400, 4, generator=g), torch.ones(400), cfg,
+        ...                        progress=False).stats
+        >>> len(stats.perplexity), stats.relative_mse < 1.0, "mse_popular" in stats.to_dict()
+        (2, True, True)
     """
 
     num_rows: int
@@ -90,6 +100,17 @@ class QuantizeResult(NamedTuple):
         codes (Tensor): [N, M] in ``code_dtype(K)`` (uint8 for K <= 256, else uint16).
         codebooks (Tensor): [M, K, D / M] float32; row i is ``concat_m codebooks[m, codes[i, m]]``.
         stats (QuantizeStats): errors, code usage, epochs, time.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> cfg = MECConfig(num_subspaces=2, codebook_size=4, epochs=1, samples_per_epoch=256,
+        ...                 batch_size=128)
+        >>> codes, codebooks, stats = quantize_table(torch.randn(400, 4, generator=g),
+        ...                                          torch.ones(400), cfg, progress=False)
+        >>> rows = codebooks[torch.arange(2), codes.long()].flatten(1)  # the decoded table
+        >>> tuple(rows.shape)
+        (400, 4)
     """
 
     codes: torch.Tensor
@@ -246,7 +267,8 @@ def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, nam
         raise ValueError(f"table {name!r}: {what}")
 
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        got = f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight)
+        got = (f"{weight.dtype} {list(weight.shape)}" if isinstance(weight, torch.Tensor)
+               else type(weight))
         fail(f"weight must be a 2-D float tensor [N, D], got {got}")
     n, dim = weight.shape
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != n:
@@ -254,7 +276,8 @@ def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, nam
         fail(f"counts must be a 1-D tensor of length N={n}, got {got}")
     if counts.is_complex() or counts.dtype == torch.bool:
         fail(f"counts must be integer or float, got {counts.dtype}")
-    if bool((counts < 0).any()) or (counts.is_floating_point() and not bool(counts.isfinite().all())):
+    non_finite = counts.is_floating_point() and not bool(counts.isfinite().all())
+    if non_finite or bool((counts < 0).any()):
         fail("counts must be finite and >= 0")
     if dim % config.num_subspaces:
         fail(f"dim {dim} is not divisible by num_subspaces {config.num_subspaces}")
@@ -310,7 +333,8 @@ def _train_epoch(
         x = model.standardize(weight[rows[start : start + config.batch_size]])
         loss, out = _mec_loss(model, x, config, generator)
         if config.reg_weight:
-            logits = model.assignment_logits(out.z[: config.usage_rows], _temperature(model, config))
+            tau = _temperature(model, config)
+            logits = model.assignment_logits(out.z[: config.usage_rows], tau)
             loss = loss + config.reg_weight * usage_regularizer(logits)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
