@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
 from torchrec_mec.modules import ProductQuantizedTable
+from torchrec_mec.modules import quantized_embedding_bag_collection as qebc_module
 
 from tests.pooling_reference import decoded_table64, pooled_reference
 
@@ -72,10 +73,13 @@ def tables64(qebc: QuantizedEmbeddingBagCollection, grad: bool = False) -> Dict[
     return out
 
 
+@pytest.mark.parametrize("backend", ["default", "fbgemm"])
 @pytest.mark.parametrize("pooling,weighted", [
     (PoolingType.SUM, False), (PoolingType.SUM, True), (PoolingType.MEAN, False),
 ])
-def test_forward_and_gradients_match_float64_reference(pooling, weighted):
+def test_forward_and_gradients_match_float64_reference(pooling, weighted, backend, monkeypatch):
+    if backend == "fbgemm":  # the FBGEMM TBE path, taken when the compiled operator is absent
+        monkeypatch.setattr(qebc_module, "cpu_operator_available", lambda: False)
     configs = mixed_configs(pooling)
     qebc = QuantizedEmbeddingBagCollection(configs, is_weighted=weighted)
     randomize_(qebc, seed=1)
