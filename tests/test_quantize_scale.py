@@ -27,5 +27,6 @@ def test_ten_million_rows_by_64():
           f"relative MSE {res.stats.relative_mse:.4f}, perplexity {res.stats.perplexity}")
     assert res.codes.shape == (n, 4) and res.codes.dtype == torch.uint8
     assert res.codebooks.shape == (4, 256, 16)
-    assert res.stats.relative_mse < 0.5
+    # 8 bits per 16-dim Gaussian-like subspace: rate-distortion bound 0.5, k-means PQ ~0.6.
+    assert res.stats.relative_mse < 0.75
     assert min(res.stats.perplexity) > 128
