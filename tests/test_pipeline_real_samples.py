@@ -8,7 +8,7 @@ from tests.pipeline_testing import AVAZU_SAMPLE, CRITEO_SAMPLE, MISSING_SAMPLE
 from torchrec_mec.cli import main
 
 QUICK = ["--set", "data.max_rows=2000", "pretrain.epochs=1", "finetune.epochs=1",
-         "compress.min_rows=150", "compress.quantizer.epochs=1",
+         "compress.min_rows=64", "compress.quantizer.epochs=1",
          "compress.quantizer.samples_per_epoch=2048",
          "compress.quantizer.early_stopping_patience=0"]
 
@@ -22,7 +22,7 @@ def test_criteo_sample_end_to_end(tmp_path, capsys):
     assert report["data"]["num_rows"]["train"] + report["data"]["num_rows"]["val"] \
         + report["data"]["num_rows"]["test"] == 2000
     assert len(report["tables"]) == 26
-    big = {t for t, v in report["tables"].items() if v["rows"] >= 150}
+    big = {t for t, v in report["tables"].items() if v["rows"] >= 64}
     assert big and {t for t, v in report["tables"].items() if v["compressed"]} == big
     assert report["memory"]["ratio"] > 1.5
     for model in ("baseline", "mec"):
