@@ -121,7 +121,10 @@ def gather_state(state: Mapping[str, Any], ctx: DistContext) -> Optional[Dict[st
             for shard in value.local_shards():
                 full[_slices(shard)] = shard.tensor.to(ctx.device)
             if ctx.distributed:
-                dist.reduce(full, dst=0)  # shards do not overlap: the sum is the table
+                # gloo cannot reduce uint16 (codes of K > 256): widen, reduce, narrow back.
+                wide = full.to(torch.int32) if full.dtype in (torch.uint8, torch.uint16) else full
+                dist.reduce(wide, dst=0)  # shards do not overlap: the sum is the table
+                full = wide.to(value.dtype)
             out[key] = full.cpu()
         elif isinstance(value, torch.Tensor):
             out[key] = value.detach().cpu().clone()
