@@ -263,10 +263,12 @@ def plot_code_usage(name: str, codes: torch.Tensor, codebook_size: int, counts: 
         order = np.argsort(-(usage["popular"][m] + usage["rare"][m]), kind="stable")
         for group, color in (("popular", "tab:red"), ("rare", "tab:blue")):
             share = usage[group][m][order]
-            ax.bar(k, share, width=1.0, alpha=0.55, color=color,
-                   label=f"{group} ids (perplexity {_perplexity(share):.0f})")
+            ax.fill_between(k, share, step="mid", alpha=0.35, color=color)
+            ax.step(k, share, where="mid", color=color, linewidth=0.8,
+                    label=f"{group} ids (perplexity {_perplexity(share):.0f})")
+        ax.set_yscale("log")
         ax.set(title=f"codebook {m}", xlabel=f"codeword (of K={codebook_size}, by use)",
-               ylabel="share of ids")
+               ylabel="share of ids (log)")
         ax.legend(fontsize="x-small")
     for ax in axes[m_count:]:
         ax.set_visible(False)
