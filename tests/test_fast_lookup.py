@@ -26,6 +26,7 @@ from torchrec_mec.ops.fast_lookup import cpu_operator_available, pq_embedding_ba
 from torchrec_mec.ops.reference import pq_embedding_bag
 
 from tests.pooling_reference import decoded_table64, pooled_reference
+from tests.qebc_testing import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
 needs_operator = pytest.mark.skipif(
@@ -52,17 +53,7 @@ def configs(pooling: PoolingType) -> List[QuantizedEmbeddingBagConfig]:
 
 
 def random_qebc(cfgs, weighted: bool, seed: int) -> QuantizedEmbeddingBagCollection:
-    qebc = QuantizedEmbeddingBagCollection(cfgs, is_weighted=weighted)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in qebc.embedding_bags.values():
-            if isinstance(module, ProductQuantizedTable):
-                codes = torch.randint(0, module.codebook_size, tuple(module.codes.shape), generator=gen)
-                module.codes.copy_(codes.to(module.codes.dtype))
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-            else:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
-    return qebc
+    return randomize_(QuantizedEmbeddingBagCollection(cfgs, is_weighted=weighted), seed)
 
 
 def random_kjt(cfgs, batch: int, weighted: bool, ids_dtype: torch.dtype, seed: int):

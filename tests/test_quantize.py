@@ -18,13 +18,7 @@ SMALL = dict(num_subspaces=2, codebook_size=16, epochs=4, samples_per_epoch=4096
              batch_size=1024, holdout_rows=512)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Results are deterministic for a given thread count; pin it (and share the machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def planted_table(seed: int, n: int, m: int, k: int, d: int, sigma: float):

@@ -39,12 +39,7 @@ def same_result(a, b) -> bool:
     return torch.equal(a.codes, b.codes) and torch.equal(a.codebooks, b.codebooks) and sa == sb
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def test_assign_tables_largest_first_balanced():

@@ -14,6 +14,7 @@ from torchrec_mec.modules import ProductQuantizedTable
 from torchrec_mec.modules import quantized_embedding_bag_collection as qebc_module
 
 from tests.pooling_reference import decoded_table64, pooled_reference
+from tests.qebc_testing import randomize_
 
 
 def random_kjt(
@@ -44,18 +45,6 @@ def mixed_configs(pooling: PoolingType) -> List[QuantizedEmbeddingBagConfig]:
                                     feature_names=["f2"], num_subspaces=2, codebook_size=300,
                                     pooling=pooling),
     ]
-
-
-def randomize_(qebc: QuantizedEmbeddingBagCollection, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, module in qebc.embedding_bags.items():
-            if isinstance(module, ProductQuantizedTable):
-                codes = torch.randint(0, module.codebook_size, tuple(module.codes.shape), generator=gen)
-                module.codes.copy_(codes.to(module.codes.dtype))
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-            else:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
 
 
 def tables64(qebc: QuantizedEmbeddingBagCollection, grad: bool = False) -> Dict[str, torch.Tensor]:

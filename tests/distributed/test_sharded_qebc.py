@@ -49,9 +49,9 @@ from torchrec_mec.distributed import fused_optimizer as fused_optimizer_module
 from torchrec_mec.distributed import planner as planner_module
 from torchrec_mec.distributed import quantized_embeddingbag as quantized_embeddingbag_module
 from torchrec_mec.distributed.embedding_lookup import QuantizedShardsLookup
-from torchrec_mec.modules import ProductQuantizedTable
 
 from tests.distributed.multiprocess import run_on_ranks
+from tests.qebc_testing import randomize_
 
 BATCH = 6  # per rank
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -75,16 +75,7 @@ def build_qebc(weighted: bool = False, device: Optional[torch.device] = None) ->
     qebc = QuantizedEmbeddingBagCollection(tables(weighted), is_weighted=weighted, device=device)
     if device is not None and device.type == "meta":
         return qebc
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in qebc.embedding_bags.values():
-            if isinstance(module, ProductQuantizedTable):
-                codes = torch.randint(0, module.codebook_size, tuple(module.codes.shape), generator=gen)
-                module.codes.copy_(codes.to(module.codes.dtype))
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-            else:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
-    return qebc
+    return randomize_(qebc, seed=0)
 
 
 def rank_batch(rank: int, weighted: bool, seed: int = 1) -> KeyedJaggedTensor:
