@@ -219,7 +219,7 @@ def test_missing_operator_falls_back_with_one_warning(monkeypatch):
 
 TRITON_CHECK = textwrap.dedent("""
     import torch
-    from torchrec_mec.ops.triton_lookup import pq_embedding_bag_triton
+    from torchrec_mec.ops.triton_lookup import LaunchConfig, pq_embedding_bag_triton
 
     def reference64(codes, books, ids, offsets, weights, mode):
         table = torch.cat([books[m][codes[:, m].long()] for m in range(books.shape[0])], dim=1)
@@ -234,8 +234,12 @@ TRITON_CHECK = textwrap.dedent("""
         return torch.stack(out)
 
     gen = torch.Generator().manual_seed(0)
-    for codes_dtype, k, m, d in [(torch.uint8, 256, 8, 16), (torch.uint16, 300, 3, 4),
-                                 (torch.uint8, 7, 5, 2)]:
+    # The default launch shape (4 ids per trip: bags of 0-5 ids end mid-trip), and one taking
+    # one id per trip in blocks of 4 bags (a partial last block).
+    for (codes_dtype, k, m, d), launch in [((torch.uint8, 256, 8, 16), LaunchConfig()),
+                                           ((torch.uint16, 300, 3, 4), LaunchConfig()),
+                                           ((torch.uint8, 7, 5, 2), LaunchConfig()),
+                                           ((torch.uint8, 256, 8, 16), LaunchConfig(4, 1, 1))]:
         for mode, weighted in [("sum", False), ("sum", True), ("mean", False)]:
             n, batch = 200, 37
             codes = torch.randint(0, k, (n, m), generator=gen).to(codes_dtype)
@@ -246,7 +250,7 @@ TRITON_CHECK = textwrap.dedent("""
             ids = torch.randint(0, n, (int(lengths.sum()),), generator=gen).int()
             w = torch.rand(ids.numel(), generator=gen) if weighted else None
             upstream = torch.randn(batch, m * d, generator=gen)
-            out = pq_embedding_bag_triton(codes, books, ids, offsets, w, mode)
+            out = pq_embedding_bag_triton(codes, books, ids, offsets, w, mode, launch)
             (grad,) = torch.autograd.grad(out, books, upstream)
             books64 = books.detach().double().requires_grad_(True)
             ref = reference64(codes, books64, ids, offsets, w, mode)
@@ -265,3 +269,39 @@ def test_triton_kernel_matches_float64_in_interpreter():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "all cases match" in run.stdout
+
+
+def test_gpu_benchmark_runs_its_checks_in_the_interpreter():
+    """``benchmarks/gpu_lookup.py`` is what a lent GPU runs, once: its CPU smoke mode (toy sizes,
+    Triton's interpreter) goes through the same float64 checks, sweep and table."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_lookup.py"),
+                          "--cpu-smoke"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # Both launch shapes of the smoke run, three pooling cases each, were checked.
+    assert run.stdout.count("# correct:") == 6, run.stdout
+    assert "zipf     PQ Triton fwd+bwd (best)" in run.stdout, run.stdout
+
+
+def test_kernels_compile_for_hopper_without_spills_and_with_vector_accesses():
+    """Compiled for sm_90 by the ptxas that Triton's wheel ships (no GPU needed): the default
+    launch keeps everything in registers, loads codewords and stores rows 16 bytes at a time and
+    adds codebook gradients four floats per atomic."""
+    pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_kernel_resources.py"),
+                          "--default-only"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {line.split()[0]: line.split() for line in run.stdout.splitlines()
+            if line.startswith(("forward", "backward"))}
+    for name, row in rows.items():
+        assert row[5] == "0", f"{name} kernel uses stack (spills): {row}"
+        assert "LDL" not in " ".join(row), f"{name} kernel reads local memory: {row}"
+    assert "LDG.E.128" in rows["forward"] and "STG.E.128" in rows["forward"], rows["forward"]
+    assert "REDG.E.ADD.F32x4.FTZ.RN.STRONG.GPU" in rows["backward"], rows["backward"]
+
+
+def test_launch_config_refuses_a_block_that_is_not_a_power_of_two():
+    from torchrec_mec.ops.triton_lookup import LaunchConfig
+
+    with pytest.raises(ValueError, match="block_bags must be a power of two, got 12"):
+        LaunchConfig(block_bags=12)

@@ -1,7 +1,8 @@
 """Fused pooled product-quantized lookup on the GPU, written in Triton.
 
-One program pools ``BLOCK_B`` bags. For each id it reads the id's M codes once (M bytes) and
-accumulates the addressed codewords into a [BLOCK_B, D] tile held in registers; the codebooks
+One program pools ``BLOCK_B`` bags. For each id it reads the id's M codes once (one M-byte row)
+and accumulates the addressed codewords into a [BLOCK_B, M, D/M] tile held in registers (the
+last axis contiguous, so codewords load as vectors), ``UNROLL`` ids of every bag per loop trip; the codebooks
 ([M, K, D/M] floats, 128 KiB for M=8, K=256, D=128) are read through L1/L2 and stay on chip. The
 backward reads the bag's gradient tile once and scatters it, weighted, into the codebook gradient
 with atomic adds. Nothing of size [ids, D] is ever materialised, unlike one ``F.embedding_bag``
@@ -11,7 +12,8 @@ This file imports only torch and Triton (no torchrec, no FBGEMM), so ``benchmark
 can load it on a GPU machine that has neither. Triton's interpreter (``TRITON_INTERPRET=1`` set
 before this module is imported) runs the same kernels on CPU tensors; the tests use it.
 """
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -22,120 +24,178 @@ except ImportError:  # the CPU-only install: callers check TRITON_AVAILABLE
     triton = None
 
 TRITON_AVAILABLE = triton is not None
-# Bags per program, and warps per program: a [16, 128] fp32 tile is 16 registers a thread.
-BLOCK_BAGS = 16
-NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Bags pooled per program, warps per program and ids of each bag taken per loop trip, for
+    forward and backward alike.
+
+    The default (16 bags, 4 warps: a [16, 8, 16] fp32 tile is 16 registers a thread; 4 ids per
+    trip, so that four code loads, the ones that miss the caches, are in flight at once) is
+    reasoned, not measured: no GPU has run it yet. ``benchmarks/gpu_lookup.py`` sweeps the
+    alternatives.
+
+    Example::
+
+        >>> LaunchConfig(block_bags=32, num_warps=8, unroll=2)
+        LaunchConfig(block_bags=32, num_warps=8, unroll=2)
+    """
+
+    block_bags: int = 16
+    num_warps: int = 4
+    unroll: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_bags", "num_warps", "unroll"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"LaunchConfig.{name} must be a power of two, got {value}")
+
+
+DEFAULT_LAUNCH = LaunchConfig()
+# What ``benchmarks/gpu_lookup.py`` times and ``benchmarks/gpu_kernel_resources.py`` compiles.
+LAUNCH_CANDIDATES = tuple(LaunchConfig(*shape) for shape in (  # bags, warps, ids per trip
+    (16, 4, 1), (16, 4, 4), (16, 4, 8), (8, 2, 4), (16, 8, 4), (32, 4, 2), (32, 8, 4), (64, 8, 2)))
 
 if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _bag_block(offsets_ptr, num_bags, BLOCK_B: tl.constexpr):
+        """This program's bags, which of them exist, their first id and their length."""
+        bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+        bag_ok = bags < num_bags
+        start = tl.load(offsets_ptr + bags, mask=bag_ok, other=0)
+        length = tl.load(offsets_ptr + bags + 1, mask=bag_ok, other=0) - start
+        return bags, bag_ok, start, length
+
+    @triton.jit
+    def _row_tile(M: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_SUB: tl.constexpr):
+        """A pooled row as a [1, M, SUB] tile (subspace, element within the codeword), padded to
+        powers of two: element offsets within a row and where they exist. The last axis is
+        contiguous in memory, so codeword loads and output stores are vector accesses."""
+        subspace = tl.arange(0, BLOCK_M)[None, :, None]
+        within = tl.arange(0, BLOCK_SUB)[None, None, :]
+        return subspace, within, (subspace < M) & (within < SUB)
+
+    @triton.jit
+    def _codeword_offsets(values_ptr, codes_ptr, bag_ok, start, length, i, subspace, within,
+                          row_ok, codebook_size, M: tl.constexpr, SUB: tl.constexpr):
+        """For the i-th id of every bag: the [bags, M, SUB] offsets of its codewords' elements in
+        the [M, K, SUB] codebooks (its M codes read once, as one M-byte row), where they are valid,
+        and which bags have an i-th id."""
+        live = bag_ok & (i < length)
+        ids = tl.load(values_ptr + start + i, mask=live, other=0).to(tl.int64)
+        code_ok = live[:, None, None] & (subspace < M)
+        codes = tl.load(codes_ptr + ids[:, None, None] * M + subspace, mask=code_ok, other=0)
+        where = (subspace * codebook_size + codes.to(tl.int32)) * SUB + within
+        return where, live[:, None, None] & row_ok, live
 
     @triton.jit
     def _pq_bag_forward_kernel(
         values_ptr, offsets_ptr, weights_ptr, codes_ptr, books_ptr, out_ptr,
         num_bags, codebook_size,
         M: tl.constexpr, SUB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SUB: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
-        bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        bag_ok = bags < num_bags
-        start = tl.load(offsets_ptr + bags, mask=bag_ok, other=0)
-        length = tl.load(offsets_ptr + bags + 1, mask=bag_ok, other=0) - start
-        cols = tl.arange(0, BLOCK_D)
-        col_ok = cols < M * SUB
-        # Column c of a row is element c % SUB of subspace c // SUB's codeword.
-        sub = (cols // SUB).to(tl.int64)
-        within = (cols % SUB).to(tl.int64)
-        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
-        for i in range(0, tl.max(length, axis=0)):
-            live = bag_ok & (i < length)
-            ids = tl.load(values_ptr + start + i, mask=live, other=0).to(tl.int64)
-            tile_ok = live[:, None] & col_ok[None, :]
-            codes = tl.load(codes_ptr + ids[:, None] * M + sub[None, :], mask=tile_ok, other=0)
-            words = tl.load(
-                books_ptr + (sub[None, :] * codebook_size + codes.to(tl.int64)) * SUB
-                + within[None, :],
-                mask=tile_ok, other=0.0,
-            )
-            if HAS_WEIGHTS:
-                w = tl.load(weights_ptr + start + i, mask=live, other=0.0)
-                acc += words * w[:, None]
-            else:
-                acc += words
+        bags, bag_ok, start, length = _bag_block(offsets_ptr, num_bags, BLOCK_B)
+        subspace, within, row_ok = _row_tile(M, SUB, BLOCK_M, BLOCK_SUB)
+        acc = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_SUB), dtype=tl.float32)
+        # UNROLL ids of every bag per trip: their loads are independent, so they are in flight
+        # together instead of one id -> code -> codeword chain at a time.
+        for first in range(0, tl.max(length, axis=0), UNROLL):
+            for u in tl.static_range(UNROLL):
+                where, tile_ok, live = _codeword_offsets(
+                    values_ptr, codes_ptr, bag_ok, start, length, first + u, subspace, within,
+                    row_ok, codebook_size, M, SUB)
+                words = tl.load(books_ptr + where, mask=tile_ok, other=0.0)
+                if HAS_WEIGHTS:
+                    w = tl.load(weights_ptr + start + first + u, mask=live, other=0.0)
+                    acc += words * w[:, None, None]
+                else:
+                    acc += words
         if MEAN:
-            acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
-        out_ok = bag_ok[:, None] & col_ok[None, :]
-        tl.store(out_ptr + bags.to(tl.int64)[:, None] * (M * SUB) + cols[None, :], acc, mask=out_ok)
+            acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None, None]
+        out = out_ptr + bags.to(tl.int64)[:, None, None] * (M * SUB) + subspace * SUB + within
+        tl.store(out, acc, mask=bag_ok[:, None, None] & row_ok)
 
     @triton.jit
     def _pq_bag_backward_kernel(
         values_ptr, offsets_ptr, weights_ptr, codes_ptr, grad_out_ptr, grad_books_ptr,
         num_bags, codebook_size,
         M: tl.constexpr, SUB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SUB: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
-        bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-        bag_ok = bags < num_bags
-        start = tl.load(offsets_ptr + bags, mask=bag_ok, other=0)
-        length = tl.load(offsets_ptr + bags + 1, mask=bag_ok, other=0) - start
-        cols = tl.arange(0, BLOCK_D)
-        col_ok = cols < M * SUB
-        sub = (cols // SUB).to(tl.int64)
-        within = (cols % SUB).to(tl.int64)
+        bags, bag_ok, start, length = _bag_block(offsets_ptr, num_bags, BLOCK_B)
+        subspace, within, row_ok = _row_tile(M, SUB, BLOCK_M, BLOCK_SUB)
         grad = tl.load(
-            grad_out_ptr + bags.to(tl.int64)[:, None] * (M * SUB) + cols[None, :],
-            mask=bag_ok[:, None] & col_ok[None, :], other=0.0,
+            grad_out_ptr + bags.to(tl.int64)[:, None, None] * (M * SUB) + subspace * SUB + within,
+            mask=bag_ok[:, None, None] & row_ok, other=0.0,
         )
         if MEAN:
-            grad = grad / tl.maximum(length, 1).to(tl.float32)[:, None]
-        for i in range(0, tl.max(length, axis=0)):
-            live = bag_ok & (i < length)
-            ids = tl.load(values_ptr + start + i, mask=live, other=0).to(tl.int64)
-            tile_ok = live[:, None] & col_ok[None, :]
-            codes = tl.load(codes_ptr + ids[:, None] * M + sub[None, :], mask=tile_ok, other=0)
-            contribution = grad
-            if HAS_WEIGHTS:
-                w = tl.load(weights_ptr + start + i, mask=live, other=0.0)
-                contribution = grad * w[:, None]
-            tl.atomic_add(
-                grad_books_ptr + (sub[None, :] * codebook_size + codes.to(tl.int64)) * SUB
-                + within[None, :],
-                contribution, mask=tile_ok, sem="relaxed",
-            )
+            grad = grad / tl.maximum(length, 1).to(tl.float32)[:, None, None]
+        for first in range(0, tl.max(length, axis=0), UNROLL):
+            for u in tl.static_range(UNROLL):
+                where, tile_ok, live = _codeword_offsets(
+                    values_ptr, codes_ptr, bag_ok, start, length, first + u, subspace, within,
+                    row_ok, codebook_size, M, SUB)
+                contribution = grad
+                if HAS_WEIGHTS:
+                    w = tl.load(weights_ptr + start + first + u, mask=live, other=0.0)
+                    contribution = grad * w[:, None, None]
+                tl.atomic_add(grad_books_ptr + where, contribution, mask=tile_ok, sem="relaxed")
 
 
-def _launch(kernel, books_shape: torch.Size, values: torch.Tensor, offsets: torch.Tensor,
-            weights: Optional[torch.Tensor], codes: torch.Tensor, src: torch.Tensor,
-            dst: torch.Tensor, mean: bool) -> None:
+def kernel_arguments(direction: str, subspaces: int, sub_dim: int, weighted: bool, mean: bool,
+                     launch: LaunchConfig) -> Tuple[Any, Dict[str, Any]]:
+    """The Triton kernel of one direction (``"forward"`` or ``"backward"``) and its compile-time
+    arguments, for codebooks of ``subspaces`` x K x ``sub_dim``."""
+    kernel = {"forward": _pq_bag_forward_kernel, "backward": _pq_bag_backward_kernel}[direction]
+    return kernel, dict(
+        M=subspaces, SUB=sub_dim, HAS_WEIGHTS=weighted, MEAN=mean, BLOCK_B=launch.block_bags,
+        BLOCK_M=triton.next_power_of_2(subspaces), BLOCK_SUB=triton.next_power_of_2(sub_dim),
+        UNROLL=launch.unroll,
+    )
+
+
+def _launch(direction: str, books_shape: torch.Size, values: torch.Tensor,
+            offsets: torch.Tensor, weights: Optional[torch.Tensor], codes: torch.Tensor,
+            src: torch.Tensor, dst: torch.Tensor, mean: bool, launch: LaunchConfig) -> None:
     """Runs a kernel over all bags: forward reads codebooks into the output, backward reads the
     output gradient into the codebook gradient."""
     num_bags = offsets.numel() - 1
     m, k, sub = books_shape
-    grid = (triton.cdiv(num_bags, BLOCK_BAGS),)
-    kernel[grid](
-        values, offsets, weights if weights is not None else src, codes, src, dst,
-        num_bags, k, M=m, SUB=sub, HAS_WEIGHTS=weights is not None, MEAN=mean,
-        BLOCK_B=BLOCK_BAGS, BLOCK_D=triton.next_power_of_2(m * sub), num_warps=NUM_WARPS,
+    kernel, constants = kernel_arguments(direction, m, sub, weights is not None, mean, launch)
+    kernel[(triton.cdiv(num_bags, launch.block_bags),)](
+        values, offsets, weights if weights is not None else src, codes, src, dst, num_bags, k,
+        **constants, num_warps=launch.num_warps,
     )
 
 
 class _PQBagTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, codes, codebooks, values, offsets, weights, mean):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, codes, codebooks, values, offsets, weights, mean, launch
+    ):
         m, _, sub = codebooks.shape
         out = torch.empty(offsets.numel() - 1, m * sub, device=codebooks.device,
                           dtype=torch.float32)
-        _launch(_pq_bag_forward_kernel, codebooks.shape, values, offsets, weights, codes,
-                codebooks, out, mean)
+        _launch("forward", codebooks.shape, values, offsets, weights, codes,
+                codebooks, out, mean, launch)
         ctx.save_for_backward(codes, values, offsets, weights)
-        ctx.books_shape, ctx.mean = codebooks.shape, mean
+        ctx.books_shape, ctx.mean, ctx.launch = codebooks.shape, mean, launch
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         codes, values, offsets, weights = ctx.saved_tensors
         grad_books = torch.zeros(ctx.books_shape, device=grad_out.device, dtype=torch.float32)
-        _launch(_pq_bag_backward_kernel, ctx.books_shape, values, offsets, weights, codes,
-                grad_out.contiguous(), grad_books, ctx.mean)
-        return None, grad_books, None, None, None, None
+        _launch("backward", ctx.books_shape, values, offsets, weights, codes,
+                grad_out.contiguous(), grad_books, ctx.mean, ctx.launch)
+        return None, grad_books, None, None, None, None, None
 
 
 def pq_embedding_bag_triton(
@@ -145,14 +205,16 @@ def pq_embedding_bag_triton(
     offsets: torch.Tensor,
     per_sample_weights: Optional[torch.Tensor] = None,
     mode: str = "sum",
+    launch: LaunchConfig = DEFAULT_LAUNCH,
 ) -> torch.Tensor:
     """Pooled product-quantized lookup in one Triton kernel (and one for the codebook gradient).
 
     Same contract as ``torchrec_mec.ops.reference.pq_embedding_bag``: ``codes`` [N, M] uint8 or
     uint16, ``codebooks`` [M, K, D/M] float32, ``values`` int32/int64 ids (assumed in range),
     ``offsets`` [B + 1], optional ``per_sample_weights`` (``mode="sum"``), ``mode`` ``"sum"`` or
-    ``"mean"``; returns [B, D], differentiable w.r.t. ``codebooks``. Needs CUDA tensors, or CPU
-    tensors with ``TRITON_INTERPRET=1`` set before this module was imported.
+    ``"mean"``, ``launch`` the block shape of both kernels; returns [B, D], differentiable
+    w.r.t. ``codebooks``. Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set
+    before this module was imported.
 
     Example (on a GPU)::
 
@@ -170,4 +232,4 @@ def pq_embedding_bag_triton(
         raise ValueError("per_sample_weights need mode='sum' (as in F.embedding_bag)")
     weights = None if per_sample_weights is None else per_sample_weights.float().contiguous()
     return _PQBagTriton.apply(codes.contiguous(), codebooks.contiguous(), values.contiguous(),
-                              offsets.long().contiguous(), weights, mode == "mean")
+                              offsets.long().contiguous(), weights, mode == "mean", launch)
