@@ -4,8 +4,9 @@ Triton's wheel ships NVIDIA's ``ptxas``, ``cuobjdump`` and ``nvdisasm``, so the 
 ``torchrec_mec/ops/triton_lookup.py`` can be compiled for a Hopper GPU (sm_90: H100, H200) on any
 machine. For each launch configuration of ``benchmarks/gpu_lookup.py`` this prints, per kernel
 (forward, backward), the registers per thread, the stack and local memory (spills), the resident
-warps per SM that the registers allow, and the memory instructions one loop trip issues per
-thread, by width: what the kernel is before it ever runs.
+warps per SM that the registers allow, the block-wide barriers (a layout change through shared
+memory inside the loop shows up as two per id, and serialises the loads) and the memory
+instructions in the code, by width: what the kernel is before it ever runs.
 
     python benchmarks/gpu_kernel_resources.py              # the issue's shape: M=8, D=128
     python benchmarks/gpu_kernel_resources.py --sm 100     # another architecture
@@ -50,7 +51,8 @@ def compile_kernel(kernel, types, constants: Dict[str, object], num_warps: int, 
 
 
 def resources(cubin: bytes) -> Tuple[Dict[str, int], Counter]:
-    """Resource usage (REG, STACK, LOCAL ...) and the count of each memory instruction."""
+    """Resource usage (REG, STACK, LOCAL ..., and BARRIERS: block-wide barriers in the code) and
+    the count of each memory instruction."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as handle:
         handle.write(cubin)
     try:
@@ -61,6 +63,7 @@ def resources(cubin: bytes) -> Tuple[Dict[str, int], Counter]:
     finally:
         os.unlink(handle.name)
     found = dict((key, int(value)) for key, value in re.findall(r"(\w+):(\d+)", usage))
+    found["BARRIERS"] = sass.count("BAR.SYNC")
     ops = Counter(m.group(1) for m in re.finditer(r"\b((?:LDG|STG|RED|ATOMG|LDL|STL)[\w.]*)",
                                                   sass))
     return found, ops
@@ -79,7 +82,7 @@ def main() -> None:
     print(f"# sm_{args.sm}, triton {triton.__version__}: M={args.subspaces}, D={args.dim}, "
           f"K={args.codebook_size}, uint8 codes, int64 ids, SUM, unweighted")
     print(f"{'kernel':<9} {'bags':>4} {'warps':>5} {'ids/trip':>8} {'regs':>5} {'stack':>5} "
-          f"{'warps/SM':>8}  memory instructions in the code (all trips of the unrolled body)")
+          f"{'barriers':>8} {'warps/SM':>8}  memory instructions in the code (all ids of a trip)")
     for name in ("forward", "backward"):
         for launch in launches:
             bags, warps, unroll = launch.block_bags, launch.num_warps, launch.unroll
@@ -91,7 +94,7 @@ def main() -> None:
             resident = min(MAX_WARPS_PER_SM,
                            (REGISTERS_PER_SM // max(regs * 32 * warps, 1)) * warps)
             print(f"{name:<9} {bags:>4} {warps:>5} {unroll:>8} {regs:>5} "
-                  f"{found.get('STACK', 0):>5} {resident:>8}  "
+                  f"{found.get('STACK', 0):>5} {found['BARRIERS']:>8} {resident:>8}  "
                   + ", ".join(f"{op} x{count}" for op, count in sorted(ops.items())))
 
 

@@ -1,12 +1,12 @@
 """Fused pooled product-quantized lookup on the GPU, written in Triton.
 
-One program pools ``BLOCK_B`` bags. For each id it reads the id's M codes once (one M-byte row)
-and accumulates the addressed codewords into a [BLOCK_B, M, D/M] tile held in registers (the
-last axis contiguous, so codewords load as vectors), ``UNROLL`` ids of every bag per loop trip; the codebooks
-([M, K, D/M] floats, 128 KiB for M=8, K=256, D=128) are read through L1/L2 and stay on chip. The
-backward reads the bag's gradient tile once and scatters it, weighted, into the codebook gradient
-with atomic adds. Nothing of size [ids, D] is ever materialised, unlike one ``F.embedding_bag``
-per subspace.
+One program pools ``BLOCK_B`` bags. For each id it reads the id's M codes (M bytes, from one
+cache sector) and accumulates the addressed codewords into a [BLOCK_B, D] tile held in
+registers (codewords arrive in 16-byte vector loads), ``UNROLL`` ids of every bag per loop trip;
+the codebooks ([M, K, D/M] floats, 128 KiB for M=8, K=256, D=128) are read through L1/L2 and
+stay on chip. The backward reads the bag's gradient tile once and scatters it, weighted, into
+the codebook gradient with four-float atomic adds. Nothing of size [ids, D] is ever
+materialised, unlike one ``F.embedding_bag`` per subspace.
 
 This file imports only torch and Triton (no torchrec, no FBGEMM), so ``benchmarks/gpu_lookup.py``
 can load it on a GPU machine that has neither. Triton's interpreter (``TRITON_INTERPRET=1`` set
@@ -31,7 +31,7 @@ class LaunchConfig:
     """Bags pooled per program, warps per program and ids of each bag taken per loop trip, for
     forward and backward alike.
 
-    The default (16 bags, 4 warps: a [16, 8, 16] fp32 tile is 16 registers a thread; 4 ids per
+    The default (16 bags, 4 warps: a [16, 128] fp32 tile is 16 registers a thread; 4 ids per
     trip, so that four code loads, the ones that miss the caches, are in flight at once) is
     reasoned, not measured: no GPU has run it yet. ``benchmarks/gpu_lookup.py`` sweeps the
     alternatives.
@@ -61,91 +61,85 @@ LAUNCH_CANDIDATES = tuple(LaunchConfig(*shape) for shape in (  # bags, warps, id
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _bag_block(offsets_ptr, num_bags, BLOCK_B: tl.constexpr):
-        """This program's bags, which of them exist, their first id and their length."""
+    def _bag_block(offsets_ptr, num_bags, M: tl.constexpr, SUB: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's bags (which exist, their first id, their length) and the columns of a
+        pooled row: column c is element c % SUB of subspace c // SUB's codeword."""
         bags = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
         bag_ok = bags < num_bags
         start = tl.load(offsets_ptr + bags, mask=bag_ok, other=0)
         length = tl.load(offsets_ptr + bags + 1, mask=bag_ok, other=0) - start
-        return bags, bag_ok, start, length
+        cols = tl.arange(0, BLOCK_D)
+        return bags, bag_ok, start, length, cols, cols < M * SUB
 
     @triton.jit
-    def _row_tile(M: tl.constexpr, SUB: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_SUB: tl.constexpr):
-        """A pooled row as a [1, M, SUB] tile (subspace, element within the codeword), padded to
-        powers of two: element offsets within a row and where they exist. The last axis is
-        contiguous in memory, so codeword loads and output stores are vector accesses."""
-        subspace = tl.arange(0, BLOCK_M)[None, :, None]
-        within = tl.arange(0, BLOCK_SUB)[None, None, :]
-        return subspace, within, (subspace < M) & (within < SUB)
+    def _codeword_offsets(values_ptr, codes_ptr, bag_ok, start, length, i, cols, col_ok,
+                          codebook_size, M: tl.constexpr, SUB: tl.constexpr):
+        """For the i-th id of every bag: the [bags, columns] offsets of its codewords' elements
+        in the [M, K, SUB] codebooks, where they are valid, and which bags have an i-th id.
 
-    @triton.jit
-    def _codeword_offsets(values_ptr, codes_ptr, bag_ok, start, length, i, subspace, within,
-                          row_ok, codebook_size, M: tl.constexpr, SUB: tl.constexpr):
-        """For the i-th id of every bag: the [bags, M, SUB] offsets of its codewords' elements in
-        the [M, K, SUB] codebooks (its M codes read once, as one M-byte row), where they are valid,
-        and which bags have an i-th id."""
+        The code pointers span the whole [bags, columns] tile (equal within a subspace), so the
+        codes arrive in the tile's own layout. A [bags, M] load would be re-laid out through
+        shared memory with two barriers per id, serialising the loads that unrolling overlaps
+        (``benchmarks/gpu_kernel_resources.py`` counts the barriers)."""
         live = bag_ok & (i < length)
         ids = tl.load(values_ptr + start + i, mask=live, other=0).to(tl.int64)
-        code_ok = live[:, None, None] & (subspace < M)
-        codes = tl.load(codes_ptr + ids[:, None, None] * M + subspace, mask=code_ok, other=0)
-        where = (subspace * codebook_size + codes.to(tl.int32)) * SUB + within
-        return where, live[:, None, None] & row_ok, live
+        sub = cols // SUB
+        tile_ok = live[:, None] & col_ok[None, :]
+        codes = tl.load(codes_ptr + ids[:, None] * M + sub[None, :], mask=tile_ok, other=0)
+        where = (sub[None, :] * codebook_size + codes.to(tl.int32)) * SUB + (cols % SUB)[None, :]
+        return where, tile_ok, live
 
     @triton.jit
     def _pq_bag_forward_kernel(
         values_ptr, offsets_ptr, weights_ptr, codes_ptr, books_ptr, out_ptr,
         num_bags, codebook_size,
         M: tl.constexpr, SUB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SUB: tl.constexpr,
-        UNROLL: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
     ):
-        bags, bag_ok, start, length = _bag_block(offsets_ptr, num_bags, BLOCK_B)
-        subspace, within, row_ok = _row_tile(M, SUB, BLOCK_M, BLOCK_SUB)
-        acc = tl.zeros((BLOCK_B, BLOCK_M, BLOCK_SUB), dtype=tl.float32)
+        bags, bag_ok, start, length, cols, col_ok = _bag_block(
+            offsets_ptr, num_bags, M, SUB, BLOCK_B, BLOCK_D)
+        acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
         # UNROLL ids of every bag per trip: their loads are independent, so they are in flight
         # together instead of one id -> code -> codeword chain at a time.
         for first in range(0, tl.max(length, axis=0), UNROLL):
             for u in tl.static_range(UNROLL):
                 where, tile_ok, live = _codeword_offsets(
-                    values_ptr, codes_ptr, bag_ok, start, length, first + u, subspace, within,
-                    row_ok, codebook_size, M, SUB)
+                    values_ptr, codes_ptr, bag_ok, start, length, first + u, cols, col_ok,
+                    codebook_size, M, SUB)
                 words = tl.load(books_ptr + where, mask=tile_ok, other=0.0)
                 if HAS_WEIGHTS:
                     w = tl.load(weights_ptr + start + first + u, mask=live, other=0.0)
-                    acc += words * w[:, None, None]
+                    acc += words * w[:, None]
                 else:
                     acc += words
         if MEAN:
-            acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None, None]
-        out = out_ptr + bags.to(tl.int64)[:, None, None] * (M * SUB) + subspace * SUB + within
-        tl.store(out, acc, mask=bag_ok[:, None, None] & row_ok)
+            acc = acc / tl.maximum(length, 1).to(tl.float32)[:, None]
+        out = out_ptr + bags.to(tl.int64)[:, None] * (M * SUB) + cols[None, :]
+        tl.store(out, acc, mask=bag_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _pq_bag_backward_kernel(
         values_ptr, offsets_ptr, weights_ptr, codes_ptr, grad_out_ptr, grad_books_ptr,
         num_bags, codebook_size,
         M: tl.constexpr, SUB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_SUB: tl.constexpr,
-        UNROLL: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
     ):
-        bags, bag_ok, start, length = _bag_block(offsets_ptr, num_bags, BLOCK_B)
-        subspace, within, row_ok = _row_tile(M, SUB, BLOCK_M, BLOCK_SUB)
-        grad = tl.load(
-            grad_out_ptr + bags.to(tl.int64)[:, None, None] * (M * SUB) + subspace * SUB + within,
-            mask=bag_ok[:, None, None] & row_ok, other=0.0,
-        )
+        bags, bag_ok, start, length, cols, col_ok = _bag_block(
+            offsets_ptr, num_bags, M, SUB, BLOCK_B, BLOCK_D)
+        grad = tl.load(grad_out_ptr + bags.to(tl.int64)[:, None] * (M * SUB) + cols[None, :],
+                       mask=bag_ok[:, None] & col_ok[None, :], other=0.0)
         if MEAN:
-            grad = grad / tl.maximum(length, 1).to(tl.float32)[:, None, None]
+            grad = grad / tl.maximum(length, 1).to(tl.float32)[:, None]
         for first in range(0, tl.max(length, axis=0), UNROLL):
             for u in tl.static_range(UNROLL):
                 where, tile_ok, live = _codeword_offsets(
-                    values_ptr, codes_ptr, bag_ok, start, length, first + u, subspace, within,
-                    row_ok, codebook_size, M, SUB)
+                    values_ptr, codes_ptr, bag_ok, start, length, first + u, cols, col_ok,
+                    codebook_size, M, SUB)
                 contribution = grad
                 if HAS_WEIGHTS:
                     w = tl.load(weights_ptr + start + first + u, mask=live, other=0.0)
-                    contribution = grad * w[:, None, None]
+                    contribution = grad * w[:, None]
                 tl.atomic_add(grad_books_ptr + where, contribution, mask=tile_ok, sem="relaxed")
 
 
@@ -156,8 +150,7 @@ def kernel_arguments(direction: str, subspaces: int, sub_dim: int, weighted: boo
     kernel = {"forward": _pq_bag_forward_kernel, "backward": _pq_bag_backward_kernel}[direction]
     return kernel, dict(
         M=subspaces, SUB=sub_dim, HAS_WEIGHTS=weighted, MEAN=mean, BLOCK_B=launch.block_bags,
-        BLOCK_M=triton.next_power_of_2(subspaces), BLOCK_SUB=triton.next_power_of_2(sub_dim),
-        UNROLL=launch.unroll,
+        BLOCK_D=triton.next_power_of_2(subspaces * sub_dim), UNROLL=launch.unroll,
     )
 
 
