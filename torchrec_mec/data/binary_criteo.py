@@ -25,13 +25,12 @@ from torchrec.datasets.utils import PATH_MANAGER_KEY, Batch
 from torchrec_mec.data.dataset import (
     CTRDataset,
     SegmentedRows,
-    batch_row_ranges,
     check_split,
+    count_ids,
+    row_chunks,
     serve_batches,
 )
 from torchrec_mec.data.schema import DataSchema
-
-_COUNT_CHUNK = 1 << 20
 
 
 class BinaryCriteoDataset(CTRDataset):
@@ -124,8 +123,8 @@ class BinaryCriteoDataset(CTRDataset):
 
     def _sparse_chunks(self, split: str) -> Iterator[np.ndarray]:
         for segment in self._rows(split).segments:
-            for start in range(0, len(segment["sparse"]), _COUNT_CHUNK):
-                yield np.asarray(segment["sparse"][start: start + _COUNT_CHUNK], dtype=np.int64)
+            for chunk in row_chunks(segment["sparse"]):
+                yield chunk.astype(np.int64, copy=False)
 
     def _max_ids(self) -> np.ndarray:
         top = np.zeros(CAT_FEATURE_COUNT, dtype=np.int64)
@@ -148,20 +147,11 @@ class BinaryCriteoDataset(CTRDataset):
     def id_counts(self, split: str = "train") -> Dict[str, torch.Tensor]:
         """Occurrences of each (hashed) id per feature in ``split``, int64 [num_embeddings]."""
         if split not in self._counts:
-            counts = [np.zeros(s, dtype=np.int64) for s in self._sizes]
-            for chunk in self._sparse_chunks(split):
-                if self._modulo is not None:
-                    chunk = chunk % self._modulo
-                for f, size in enumerate(self._sizes):
-                    counts[f] += np.bincount(chunk[:, f], minlength=size)
-            self._counts[split] = {n: torch.from_numpy(c)
-                                   for n, c in zip(DEFAULT_CAT_NAMES, counts)}
+            chunks = self._sparse_chunks(split)
+            if self._modulo is not None:
+                chunks = (chunk % self._modulo for chunk in chunks)
+            self._counts[split] = count_ids(chunks, self.num_embeddings)
         return {k: v.clone() for k, v in self._counts[split].items()}
-
-    def num_batches(self, split: str, batch_size: int, *, world_size: int = 1,
-                    drop_last: bool = False) -> int:
-        return len(batch_row_ranges(self.num_rows(split), batch_size, world_size=world_size,
-                                    drop_last=drop_last))
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[Batch]:

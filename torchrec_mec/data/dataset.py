@@ -1,6 +1,6 @@
 """The interface training and evaluation read data through, and the batch layout."""
 from abc import ABC, abstractmethod
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -40,10 +40,35 @@ class CTRDataset(ABC):
                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[Batch]:
         """Batches of ``split`` for ``rank`` of ``world_size``; see the implementation."""
 
-    @abstractmethod
     def num_batches(self, split: str, batch_size: int, *, world_size: int = 1,
                     drop_last: bool = False) -> int:
         """How many batches ``batches`` yields on each rank with these arguments."""
+        return len(batch_row_ranges(self.num_rows(split), batch_size, world_size=world_size,
+                                    drop_last=drop_last))
+
+
+def row_chunks(array: np.ndarray, rows: int = 1 << 20) -> Iterator[np.ndarray]:
+    """``array`` (typically a memory map) read into memory ``rows`` rows at a time."""
+    for start in range(0, len(array), rows):
+        yield np.asarray(array[start: start + rows])
+
+
+def count_ids(chunks: Iterable[np.ndarray], num_embeddings: Dict[str, int]
+              ) -> Dict[str, torch.Tensor]:
+    """Occurrences of each id per sparse feature, over [rows, features] chunks of ids whose
+    columns are the features of ``num_embeddings``, in its order: int64 [num_embeddings].
+
+    Example::
+
+        >>> chunks = [np.array([[0, 2], [1, 2]]), np.array([[0, 0]])]
+        >>> {k: v.tolist() for k, v in count_ids(chunks, {"a": 2, "b": 3}).items()}
+        {'a': [2, 1], 'b': [1, 0, 2]}
+    """
+    counts = [np.zeros(size, dtype=np.int64) for size in num_embeddings.values()]
+    for chunk in chunks:
+        for f, size in enumerate(num_embeddings.values()):
+            counts[f] += np.bincount(chunk[:, f], minlength=size)
+    return {name: torch.from_numpy(c) for name, c in zip(num_embeddings, counts)}
 
 
 def check_split(split: str) -> str:

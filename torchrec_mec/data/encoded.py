@@ -26,15 +26,14 @@ from torchrec_mec.data._files import (
 from torchrec_mec.data.dataset import (
     CTRDataset,
     SegmentedRows,
-    batch_row_ranges,
     check_split,
+    count_ids,
+    row_chunks,
     serve_batches,
 )
 from torchrec_mec.data.schema import BadRowReport, CorruptDatasetError, DataSchema
 from torchrec_mec.data.synthetic import SyntheticClickModel, SyntheticConfig
 from torchrec_mec.data.vocab import Vocabulary
-
-_COUNT_CHUNK = 1 << 20
 
 
 class EncodedDataset(CTRDataset):
@@ -157,21 +156,9 @@ class EncodedDataset(CTRDataset):
             Dict[str, torch.Tensor]: int64 [num_embeddings] per feature; index 0 counts OOV.
         """
         if split not in self._counts:
-            sparse = self.arrays(split)["sparse"]
-            sizes = [self.num_embeddings[f] for f in self.schema.sparse_names]
-            counts = [np.zeros(s, dtype=np.int64) for s in sizes]
-            for start in range(0, len(sparse), _COUNT_CHUNK):
-                chunk = np.asarray(sparse[start: start + _COUNT_CHUNK])
-                for f, size in enumerate(sizes):
-                    counts[f] += np.bincount(chunk[:, f], minlength=size)
-            self._counts[split] = {name: torch.from_numpy(c)
-                                   for name, c in zip(self.schema.sparse_names, counts)}
+            sizes = {f: self.num_embeddings[f] for f in self.schema.sparse_names}
+            self._counts[split] = count_ids(row_chunks(self.arrays(split)["sparse"]), sizes)
         return {k: v.clone() for k, v in self._counts[split].items()}
-
-    def num_batches(self, split: str, batch_size: int, *, world_size: int = 1,
-                    drop_last: bool = False) -> int:
-        return len(batch_row_ranges(self.num_rows(split), batch_size, world_size=world_size,
-                                    drop_last=drop_last))
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                 rank: int = 0, world_size: int = 1, drop_last: bool = False) -> Iterator[Batch]:
