@@ -8,8 +8,8 @@ bag, uniform and Zipf ids. In one run it
    shape (variable bag lengths with empty bags; SUM, MEAN and per-id weights), every element of
    the pooled output (poisoned with NaN before the call, so an unwritten element fails) and of
    the codebook gradient, for every launch configuration it then times;
-2. sweeps the kernels' launch configurations (bags per program, warps) on Zipf ids, forward and
-   forward+backward, and keeps the fastest of each;
+2. sweeps the kernels' launch configurations (bags per program, warps, ids per loop trip) on
+   Zipf ids, forward and forward+backward, and keeps the fastest of each;
 3. times, with CUDA events, interleaved, medians over three rotating id sets: ``F.embedding_bag``
    on the dense table, the Triton kernel (default and best configuration), the plain-PyTorch PQ
    lookup (one ``F.embedding_bag`` per subspace), the code gather alone; then forward+backward
@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Hashable, List, Tuple
 
 OPS = Path(__file__).resolve().parents[1] / "torchrec_mec" / "ops"
 
@@ -94,15 +94,15 @@ class Timer:
 
 
 def launch_name(launch) -> str:
-    return (f"{launch.block_bags:>2} bags {launch.num_warps} warps {launch.unroll} ids/trip")
+    return f"{launch.block_bags:>2} bags {launch.num_warps} warps {launch.unroll} ids/trip"
 
 
-def timed_medians(timer: Timer, methods: Dict[str, Callable[[int], object]], repeats: int,
-                  after: Callable[[], None]) -> Dict[str, Sequence[float]]:
+def timed_medians(timer: Timer, methods: Dict[Hashable, Callable[[int], object]], repeats: int,
+                  after: Callable[[], None]) -> Dict[Hashable, Tuple[float, float]]:
     """Runs every method once per repeat, in turn (the id set rotating with the repeat); returns
     per method (median ms, spread): spread is |median of the first half - median of the second
     half| over the median."""
-    times: Dict[str, List[float]] = {key: [] for key in methods}
+    times: Dict[Hashable, List[float]] = {key: [] for key in methods}
     for r in range(repeats):
         for key, fn in methods.items():
             times[key].append(timer(lambda: fn(r)))
