@@ -1,16 +1,26 @@
+from torchrec_mec.modules.initialization import (
+    draw_seed,
+    init_codebooks_,
+    init_codes_,
+    init_weight_,
+)
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
+    FullTable,
     MemoryReport,
     ProductQuantizedTable,
     QuantizedEmbeddingBagCollection,
     TableMemory,
 )
 from torchrec_mec.modules.quantized_embedding_configs import (
+    CodebookLargerThanTableWarning,
     QuantizedEmbeddingBagConfig,
     as_quantized_config,
     code_dtype,
 )
 
 __all__ = [
+    "CodebookLargerThanTableWarning",
+    "FullTable",
     "MemoryReport",
     "ProductQuantizedTable",
     "QuantizedEmbeddingBagCollection",
@@ -18,4 +28,8 @@ __all__ = [
     "TableMemory",
     "as_quantized_config",
     "code_dtype",
+    "draw_seed",
+    "init_codebooks_",
+    "init_codes_",
+    "init_weight_",
 ]

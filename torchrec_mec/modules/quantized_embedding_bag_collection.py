@@ -12,6 +12,12 @@ from torchrec.modules.embedding_modules import (
 )
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from torchrec_mec.modules.initialization import (
+    draw_seed,
+    init_codebooks_,
+    init_codes_,
+    init_weight_,
+)
 from torchrec_mec.modules.quantized_embedding_configs import (
     QuantizedEmbeddingBagConfig,
     as_quantized_config,
@@ -29,7 +35,12 @@ class ProductQuantizedTable(nn.Module):
     """One product-quantized table: frozen ``codes`` [N, M] and trainable ``codebooks`` [M, K, D/M].
 
     Row ``i`` is ``concat_m codebooks[m, codes[i, m]]``. Codes are stored in the smallest
-    unsigned dtype that holds ``K - 1`` (uint8 for K <= 256, else uint16).
+    unsigned dtype that holds ``K - 1`` (uint8 for K <= 256, else uint16). The initial codes are
+    uniform in ``[0, K)`` (an untrained QEBC is then a usable, hashing-like model; MEC replaces
+    them) and the codebooks come from the config's ``init_fn``, both drawn from a seed taken from
+    torch's global generator at construction (see ``initialization.py``). On the ``meta`` device
+    nothing is allocated; ``to_empty(device=...)`` then :meth:`reset_parameters` gives the values
+    construction would have given.
 
     Args:
         config: the table's config (``codebook_size > 0``).
@@ -46,23 +57,30 @@ class ProductQuantizedTable(nn.Module):
 
     def __init__(self, config: QuantizedEmbeddingBagConfig, device: Optional[torch.device] = None):
         super().__init__()
+        self.config = config
         self.name = config.name
         self.num_embeddings = config.num_embeddings
         self.num_subspaces = config.num_subspaces
         self.codebook_size = config.codebook_size
-        # Random codes make an untrained QEBC a usable (hashing-like) model; MEC replaces them.
-        gen = torch.Generator().manual_seed(0)
-        codes = torch.randint(
-            0, config.codebook_size, (config.num_embeddings, config.num_subspaces), generator=gen
+        self.init_seed = draw_seed()
+        self.register_buffer(
+            "codes",
+            torch.empty(
+                config.num_embeddings, config.num_subspaces, dtype=config.code_dtype, device=device
+            ),
         )
-        self.register_buffer("codes", codes.to(device=device, dtype=config.code_dtype))
         self.codebooks = nn.Parameter(
             torch.empty(
                 config.num_subspaces, config.codebook_size, config.subspace_dim, device=device
             )
         )
-        if config.init_fn is not None and self.codebooks.device.type != "meta":
-            config.init_fn(self.codebooks)
+        if self.codebooks.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Sets codes and codebooks to the values construction gives them."""
+        init_codes_(self.codes, self.config, self.init_seed)
+        init_codebooks_(self.codebooks, self.config, self.init_seed)
 
     def decode(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The reconstructed rows (all of them by default): [len(rows), D]."""
@@ -70,23 +88,26 @@ class ProductQuantizedTable(nn.Module):
         parts = [self.codebooks[m][codes[:, m].long()] for m in range(self.num_subspaces)]
         return torch.cat(parts, dim=1)
 
-    def check(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
-        """Raises ``ValueError`` naming the table if codes or codebooks do not fit it."""
-        want_codes = (self.num_embeddings, self.num_subspaces)
-        if tuple(codes.shape) != want_codes:
+    def check_codes(self, codes: torch.Tensor) -> None:
+        """Raises ``ValueError`` naming the table if ``codes`` do not fit it (shape, dtype, values)."""
+        want = (self.num_embeddings, self.num_subspaces)
+        if tuple(codes.shape) != want:
             raise ValueError(
-                f"table {self.name!r}: codes have shape {tuple(codes.shape)}, expected {want_codes}"
+                f"table {self.name!r}: codes have shape {tuple(codes.shape)}, expected {want}"
             )
         if codes.dtype != self.codes.dtype:
             raise ValueError(
                 f"table {self.name!r}: codes have dtype {codes.dtype}, expected {self.codes.dtype} "
                 f"(codebook_size {self.codebook_size})"
             )
-        top = int(codes.to(torch.int32).max()) if codes.numel() else 0
+        top = int(codes.to(torch.int32).max()) if codes.numel() and codes.device.type != "meta" else 0
         if top >= self.codebook_size:
             raise ValueError(
                 f"table {self.name!r}: code {top} >= codebook_size {self.codebook_size}"
             )
+
+    def check_codebooks(self, codebooks: torch.Tensor) -> None:
+        """Raises ``ValueError`` naming the table if ``codebooks`` do not fit it (shape, dtype)."""
         if tuple(codebooks.shape) != tuple(self.codebooks.shape):
             raise ValueError(
                 f"table {self.name!r}: codebooks have shape {tuple(codebooks.shape)}, "
@@ -97,14 +118,60 @@ class ProductQuantizedTable(nn.Module):
                 f"table {self.name!r}: codebooks have dtype {codebooks.dtype}, expected torch.float32"
             )
 
+    def check(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
+        """Raises ``ValueError`` naming the table if codes or codebooks do not fit it."""
+        self.check_codes(codes)
+        self.check_codebooks(codebooks)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:  # type: ignore[no-untyped-def]
+        # Each key is checked on its own, so a partial state dict (strict=False) is checked too:
+        # nn.Module would cast int64 codes to uint8 silently (wrapping values >= 256).
         codes, books = state_dict.get(prefix + "codes"), state_dict.get(prefix + "codebooks")
-        if isinstance(codes, torch.Tensor) and isinstance(books, torch.Tensor):
-            # nn.Module would cast int64 codes to uint8 silently (wrapping values >= 256).
-            self.check(codes, books)
+        if isinstance(codes, torch.Tensor):
+            self.check_codes(codes)
+        if isinstance(books, torch.Tensor):
+            self.check_codebooks(books)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+class FullTable(nn.EmbeddingBag):
+    """An uncompressed table: the ``nn.EmbeddingBag`` of TorchRec's EBC (same ``weight``, shape and
+    state), initialised by the config's ``init_fn`` from a seed drawn at construction, like
+    :class:`ProductQuantizedTable`, so that :meth:`reset_parameters` (after ``to_empty``) gives the
+    construction's values.
+
+    Args:
+        config: the table's config.
+        device: where to allocate.
+
+    Example::
+
+        >>> cfg = QuantizedEmbeddingBagConfig(name="t", num_embeddings=10, embedding_dim=4,
+        ...     feature_names=["f"])
+        >>> table = FullTable(cfg, device=torch.device("meta")).to_empty(device="cpu")
+        >>> table.reset_parameters()
+        >>> bool(table.weight.abs().max() <= cfg.get_weight_init_max())
+        True
+    """
+
+    def __init__(self, config: QuantizedEmbeddingBagConfig, device: Optional[torch.device] = None):
+        super().__init__(
+            num_embeddings=config.num_embeddings,
+            embedding_dim=config.embedding_dim,
+            mode=pooling_type_to_str(config.pooling),
+            include_last_offset=True,
+            _weight=torch.empty(config.num_embeddings, config.embedding_dim, device=device),
+        )
+        self.config = config
+        self.init_seed = draw_seed()
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Sets the weight to the values construction gives it."""
+        init_weight_(self.weight, self.config, self.init_seed)
 
 
 @dataclass
@@ -143,20 +210,6 @@ class MemoryReport:
         return self.baseline_bytes / max(self.total_bytes, 1)
 
 
-def _full_table(config: EmbeddingBagConfig, device: Optional[torch.device]) -> nn.EmbeddingBag:
-    # Same module, shape and init as TorchRec's EmbeddingBagCollection, so its state loads as is.
-    bag = nn.EmbeddingBag(
-        num_embeddings=config.num_embeddings,
-        embedding_dim=config.embedding_dim,
-        mode=pooling_type_to_str(config.pooling),
-        device=device,
-        include_last_offset=True,
-    )
-    if config.init_fn is not None and bag.weight.device.type != "meta":
-        config.init_fn(bag.weight)
-    return bag
-
-
 class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose tables may be product-quantized (MEC).
 
@@ -169,6 +222,11 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     codebooks' subspaces and the full tables); on CUDA compressed tables use a Triton kernel.
     Gradients reach ``codebooks`` and ``weight`` through autograd, so any torch optimizer trains
     them. Codes are a frozen buffer.
+
+    Built on the ``meta`` device it allocates nothing (tables of billions of rows build in
+    milliseconds); ``to_empty(device=...)`` and :meth:`reset_parameters` then give every table the
+    values construction on that device would have given, and a sharded copy built by
+    ``DistributedModelParallel`` starts from the same values whatever the plan.
 
     Args:
         tables: ``QuantizedEmbeddingBagConfig`` (or plain ``EmbeddingBagConfig``, kept full).
@@ -225,9 +283,8 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if cfg.pooling not in (PoolingType.SUM, PoolingType.MEAN):
                 raise ValueError(f"table {cfg.name!r}: pooling {cfg.pooling} is not supported")
             self.embedding_bags[cfg.name] = (
-                ProductQuantizedTable(cfg, device) if cfg.compressed else _full_table(cfg, device)
+                ProductQuantizedTable(cfg, device) if cfg.compressed else FullTable(cfg, device)
             )
-        self._device = next(iter(self.parameters())).device if len(tables) else torch.device("cpu")
         self._embedding_names: List[str] = [
             name for names in get_embedding_names_by_table(self._embedding_bag_configs)
             for name in names
@@ -258,9 +315,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for m in range(cfg.num_subspaces if cfg.compressed else 1)
         ]
         self._lookup = TableBatchedLookup(shapes, slots) if shapes else None
-        self._buffer = FlatParameterBuffer(
-            [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs]
-        )
+        self._buffer = FlatParameterBuffer(self._table_parameters)
 
     # -- the EmbeddingBagCollectionInterface ------------------------------------------------
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:  # type: ignore[override]
@@ -271,7 +326,14 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        tensors = self._table_parameters()
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    def reset_parameters(self) -> None:
+        """Sets every table's codes, codebooks and weight to the values construction gives them
+        (after ``to_empty(device=...)`` of a collection built on ``meta``, for example)."""
+        for table in self.embedding_bags.values():
+            table.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         features = self._in_table_order(features)
@@ -384,6 +446,9 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _table_parameter(self, name: str) -> nn.Parameter:
         module = self.embedding_bags[name]
         return module.codebooks if isinstance(module, ProductQuantizedTable) else module.weight
+
+    def _table_parameters(self) -> List[nn.Parameter]:
+        return [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs]
 
     def _in_table_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         keys = features.keys()

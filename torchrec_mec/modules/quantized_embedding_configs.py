@@ -1,4 +1,6 @@
 """Configs for product-quantized embedding tables."""
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,10 @@ def code_dtype(codebook_size: int) -> torch.dtype:
     return torch.uint8 if codebook_size <= 256 else torch.uint16
 
 
+class CodebookLargerThanTableWarning(UserWarning):
+    """A compressed table's ``codebook_size`` exceeds its ``num_embeddings``."""
+
+
 @dataclass
 class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
     """An ``EmbeddingBagConfig`` whose table may be product-quantized.
@@ -25,6 +31,11 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
     Row ``i`` of a compressed table is ``concat_m codebooks[m, codes[i, m]]``: ``num_subspaces``
     (M) codes per row, each indexing one of M codebooks of ``codebook_size`` (K) codewords of
     ``embedding_dim / M`` dims.
+
+    ``num_embeddings`` and ``embedding_dim`` must be at least 1. A ``codebook_size`` larger than
+    ``num_embeddings`` is allowed (a row-wise shard of a table holds fewer rows than K) but warns
+    with :class:`CodebookLargerThanTableWarning`: such a table can use at most ``num_embeddings``
+    of its K codewords per codebook, and its codebooks hold more floats than the full table would.
 
     Args:
         num_subspaces (int): M; ``embedding_dim`` must be divisible by it.
@@ -42,6 +53,10 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
     codebook_size: int = 0
 
     def __post_init__(self) -> None:
+        for field in ("num_embeddings", "embedding_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"table {self.name!r}: {field} must be an integer >= 1, got {value!r}")
         super().__post_init__()
         if self.codebook_size == 0:
             return
@@ -54,6 +69,15 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
             raise ValueError(
                 f"table {self.name!r}: codebook_size must be 0 (full table) or in "
                 f"[2, {MAX_CODEBOOK_SIZE}], got {self.codebook_size}"
+            )
+        if self.codebook_size > self.num_embeddings:
+            warnings.warn(
+                f"table {self.name!r}: codebook_size {self.codebook_size} > num_embeddings "
+                f"{self.num_embeddings}: at most {self.num_embeddings} of the codewords per codebook "
+                "can be used, and the codebooks hold more floats than the full table; keep the table "
+                "full (codebook_size=0) or choose codebook_size <= num_embeddings",
+                CodebookLargerThanTableWarning,
+                stacklevel=3,
             )
 
     @property

@@ -8,7 +8,7 @@ runs FBGEMM's dense backward kernel and hands each parameter its slice of the gr
 """
 from itertools import accumulate
 from math import log2
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
@@ -21,32 +21,47 @@ _OUTPUT_FP32 = 0
 
 
 class FlatParameterBuffer:
-    """Keeps a list of parameters as views into one contiguous flat tensor.
+    """Keeps a module's parameters as views into one contiguous flat tensor.
 
-    ``flat()`` returns the buffer, re-packing it when something (``module.to()``,
-    ``param.data = ...``) has given a parameter storage of its own.
+    ``params`` is a callable that returns the module's current parameters, so that parameters
+    replaced by ``load_state_dict(..., assign=True)``, ``to_empty()`` or a move between devices
+    are the ones used. ``flat()`` returns the buffer, re-packing it when a parameter has storage
+    of its own (``module.to()``, ``param.data = ...``, a new parameter object).
+
+    Args:
+        params: returns the parameters, in buffer order.
 
     Example::
 
         >>> a, b = nn.Parameter(torch.ones(2, 3)), nn.Parameter(torch.zeros(4))
-        >>> buf = FlatParameterBuffer([a, b])
+        >>> buf = FlatParameterBuffer(lambda: [a, b])
         >>> buf.flat().shape
         torch.Size([10])
         >>> with torch.no_grad():
         ...     _ = a.mul_(2)
         >>> float(buf.flat()[0])
         2.0
+        >>> a = nn.Parameter(torch.full((2, 3), 5.0))  # replaced, as load_state_dict(assign=True) does
+        >>> float(buf.flat()[0])
+        5.0
     """
 
-    def __init__(self, params: Sequence[nn.Parameter]) -> None:
-        self.params: List[nn.Parameter] = list(params)
-        self.numels: List[int] = [p.numel() for p in self.params]
-        self.offsets: List[int] = [0] + list(accumulate(self.numels))
+    def __init__(self, params: Callable[[], Sequence[nn.Parameter]]) -> None:
+        self._params = params
         self._flat: Optional[torch.Tensor] = None
+        self.offsets: List[int] = self._offsets(self.params)
 
-    def _is_packed(self) -> bool:
+    @property
+    def params(self) -> List[nn.Parameter]:
+        return list(self._params())
+
+    @staticmethod
+    def _offsets(params: Sequence[nn.Parameter]) -> List[int]:
+        return [0] + list(accumulate(p.numel() for p in params))
+
+    def _is_packed(self, params: Sequence[nn.Parameter]) -> bool:
         flat = self._flat
-        if flat is None:
+        if flat is None or self._offsets(params) != self.offsets:
             return False
         base = flat.data_ptr()
         size = flat.element_size()
@@ -55,17 +70,19 @@ class FlatParameterBuffer:
             and p.dtype == flat.dtype
             and p.is_contiguous()
             and p.data_ptr() == base + off * size
-            for p, off in zip(self.params, self.offsets)
+            for p, off in zip(params, self.offsets)
         )
 
     @torch.no_grad()
     def flat(self) -> torch.Tensor:
-        if not self._is_packed():
-            ref = self.params[0]
+        params = self.params
+        if not self._is_packed(params):
+            self.offsets = self._offsets(params)
+            ref = params[0]
             flat = torch.empty(self.offsets[-1], dtype=ref.dtype, device=ref.device)
-            for p, start, n in zip(self.params, self.offsets, self.numels):
-                flat[start : start + n].copy_(p.detach().reshape(-1))
-                p.data = flat[start : start + n].view(p.shape)
+            for p, start in zip(params, self.offsets):
+                flat[start : start + p.numel()].copy_(p.detach().reshape(-1))
+                p.data = flat[start : start + p.numel()].view(p.shape)
             self._flat = flat
         assert self._flat is not None
         return self._flat
@@ -85,7 +102,7 @@ class TableBatchedLookup:
 
         >>> lookup = TableBatchedLookup([(4, 2)], feature_tables=[0, 0])
         >>> weights = nn.Parameter(torch.arange(8.0).view(4, 2))
-        >>> buf = FlatParameterBuffer([weights])
+        >>> buf = FlatParameterBuffer(lambda: [weights])
         >>> out = lookup(buf, torch.tensor([0, 3, 1]), torch.tensor([0, 1, 2, 3, 3]), None)
         >>> out.tolist()  # slot 0: bags [0], [3]; slot 1: bags [1], []
         [[0.0, 1.0, 2.0, 3.0], [6.0, 7.0, 0.0, 0.0]]
