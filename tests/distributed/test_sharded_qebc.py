@@ -63,7 +63,7 @@ def tables(weighted: bool = False) -> List[QuantizedEmbeddingBagConfig]:
         QuantizedEmbeddingBagConfig(name="pq8", num_embeddings=40, embedding_dim=8,
                                     feature_names=["a", "b"], num_subspaces=4, codebook_size=16),
         # uint16 codes, MEAN pooling (SUM when weighted)
-        QuantizedEmbeddingBagConfig(name="pq16", num_embeddings=30, embedding_dim=8,
+        QuantizedEmbeddingBagConfig(name="pq16", num_embeddings=300, embedding_dim=8,
                                     feature_names=["c"], num_subspaces=2, codebook_size=300,
                                     pooling=PoolingType.SUM if weighted else PoolingType.MEAN),
         QuantizedEmbeddingBagConfig(name="full", num_embeddings=20, embedding_dim=8,

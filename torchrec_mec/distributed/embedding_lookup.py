@@ -2,17 +2,22 @@
 
 TorchRec's ``EmbeddingSharding`` classes decide which shards a rank holds (``ShardedEmbeddingTable``:
 row and column offsets and sizes in table coordinates ``[N, D]``) and in which order their features
-arrive after the input dist. This module turns those shards into local QEBC tables, so each rank
-runs the same FBGEMM-backed lookup as the unsharded module:
+arrive after the input dist. This module turns them into one local QEBC table per table, so each
+rank runs the same lookup as the unsharded module and holds one parameter per table, as TorchRec's
+sharded EBC does:
 
 - a compressed shard of rows ``[r0, r0 + n)`` and columns ``[c0, c0 + c)`` holds
   ``codes[r0:r0 + n, c0/d : (c0 + c)/d]`` and ``codebooks[c0/d : (c0 + c)/d]`` (``d = D / M``): a
   column split is a split of the subspaces, so its boundaries must fall on multiples of ``d``;
-- a full shard holds ``weight[r0:r0 + n, c0:c0 + c]``.
+- a full shard holds ``weight[r0:r0 + n, c0:c0 + c]``;
+- several column shards of one table on one rank (``column_wise(ranks=[0, 1, 0, 1])``) are the
+  column blocks of one local table, in the order their features arrive: the lookup reads each
+  feature once and puts the pooled columns back in the order the output dist expects.
 """
 from dataclasses import dataclass
 from functools import partial
 from typing import Dict, List, Optional, Tuple
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -22,22 +27,27 @@ from torchrec.distributed.types import ShardMetadata
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_mec.modules.initialization import init_codebooks_, init_codes_, init_weight_
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
     ProductQuantizedTable,
     QuantizedEmbeddingBagCollection,
 )
-from torchrec_mec.modules.quantized_embedding_configs import QuantizedEmbeddingBagConfig
+from torchrec_mec.modules.quantized_embedding_configs import (
+    CodebookLargerThanTableWarning,
+    QuantizedEmbeddingBagConfig,
+)
 
 
 @dataclass(frozen=True)
 class LocalShard:
-    """One shard held by this rank: its table, its local name, where it sits in ``[N, D]``, and
-    its metadata in the plan (``None`` for a data-parallel replica)."""
+    """One shard held by this rank: its table, where it sits in ``[N, D]``, the first column of its
+    block in the rank's local table, and its metadata in the plan (``None`` for a data-parallel
+    replica)."""
 
     table: str
-    local_name: str
     offsets: Tuple[int, int]
     sizes: Tuple[int, int]
+    local_column: int
     metadata: Optional[ShardMetadata]
 
 
@@ -82,43 +92,96 @@ class QuantizedShardsLookup(nn.Module):
         sum_codebook_gradients_over: Optional[dist.ProcessGroup] = None,
     ) -> None:
         super().__init__()
-        configs: Dict[str, QuantizedEmbeddingBagConfig] = {
+        self._configs: Dict[str, QuantizedEmbeddingBagConfig] = {
             cfg.name: cfg for cfg in source.embedding_bag_configs()  # type: ignore[misc]
         }
         self.shards: List[LocalShard] = []
-        local_configs: List[QuantizedEmbeddingBagConfig] = []
-        self._feature_names: List[str] = []
+        rows: Dict[str, Tuple[int, int]] = {}  # per table: first row and row count held here
+        widths: Dict[str, int] = {}  # per table, in order of first arrival: columns held here
         for group in grouped_configs:
             for table in group.embedding_tables:
-                cfg = configs[table.name]
                 meta = table.local_metadata
                 offsets = (meta.shard_offsets[0], meta.shard_offsets[1]) if meta else (0, 0)
                 sizes = (table.local_rows, table.local_cols)
-                count = sum(s.table == cfg.name for s in self.shards)
-                shard = LocalShard(cfg.name, f"{cfg.name}#{count}" if count else cfg.name,
-                                   offsets, sizes, meta)
-                local_configs.append(_local_config(cfg, shard, pool_mean_as_sum))
-                self._feature_names += local_configs[-1].feature_names
-                self.shards.append(shard)
-        self.qebc = QuantizedEmbeddingBagCollection(
-            local_configs, is_weighted=source.is_weighted(), device=device
-        )
-        if source.device.type != "meta":
-            self._copy_from(source, configs)
+                _check_subspace_boundaries(self._configs[table.name], offsets[1], sizes[1])
+                if rows.setdefault(table.name, (offsets[0], sizes[0])) != (offsets[0], sizes[0]):
+                    raise ValueError(
+                        f"table {table.name!r}: the shards of a table held by one rank must hold the "
+                        f"same rows; got rows {rows[table.name]} and {(offsets[0], sizes[0])}"
+                    )
+                self.shards.append(
+                    LocalShard(table.name, offsets, sizes, widths.get(table.name, 0), meta)
+                )
+                widths[table.name] = widths.get(table.name, 0) + sizes[1]
+        self._widths = widths
+        self._seeds = {name: source.embedding_bags[name].init_seed for name in widths}
+        local_configs = [
+            _local_config(self._configs[name], rows[name][1], widths[name], pool_mean_as_sum)
+            for name in widths
+        ]
+        # Built on meta under a forked generator: the local tables' own seeds are never used (the
+        # values come from the source, or from the source tables' seeds by position).
+        with torch.random.fork_rng(devices=[]):
+            qebc = QuantizedEmbeddingBagCollection(
+                local_configs, is_weighted=source.is_weighted(), device=torch.device("meta")
+            )
+        self.qebc = qebc.to_empty(device=device or torch.device("cpu"))
+        self._feature_names = [f for cfg in local_configs for f in cfg.feature_names]
+        self._select, self._columns = _feature_routing(self.shards, self._configs, local_configs)
+        if self.qebc.device.type != "meta":
+            if source.device.type == "meta":
+                self.reset_parameters()
+            else:
+                self._copy_from(source)
         if sum_codebook_gradients_over is not None:
-            for shard in self.shards:
-                table = self.qebc.embedding_bags[shard.local_name]
+            for name in widths:
+                table = self.qebc.embedding_bags[name]
                 if isinstance(table, ProductQuantizedTable):
                     table.codebooks.register_hook(
                         partial(_sum_over_ranks, group=sum_codebook_gradients_over)
                     )
 
+    def table_tensors(self, table: str) -> Dict[str, torch.Tensor]:
+        """This rank's state of ``table``, all its shards together, under the unsharded names:
+        ``codes`` (buffer) and ``codebooks`` (parameter), or ``weight`` (parameter)."""
+        module = self.qebc.embedding_bags[table]
+        if isinstance(module, ProductQuantizedTable):
+            return {"codes": module.codes, "codebooks": module.codebooks}
+        return {"weight": module.weight}
+
+    def shard_part(self, shard: LocalShard, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The part of ``tensor`` (shaped like ``table_tensors(shard.table)[key]``, e.g. the
+        parameter itself or its optimizer state) that belongs to ``shard``: the tensor itself when
+        the shard is the rank's only one of its table, else a view of its column block."""
+        first, width = shard.local_column, shard.sizes[1]
+        if first == 0 and width == self._widths[shard.table]:
+            return tensor
+        if key == "weight":
+            return tensor[:, first : first + width]
+        d = self._configs[shard.table].subspace_dim
+        subspaces = slice(first // d, (first + width) // d)
+        return tensor[:, subspaces] if key == "codes" else tensor[subspaces]
+
     def local_tensors(self, shard: LocalShard) -> Dict[str, torch.Tensor]:
         """The shard's state under the unsharded names: ``codes`` and ``codebooks``, or ``weight``."""
-        table = self.qebc.embedding_bags[shard.local_name]
-        if isinstance(table, ProductQuantizedTable):
-            return {"codes": table.codes, "codebooks": table.codebooks}
-        return {"weight": table.weight}
+        return {
+            key: self.shard_part(shard, key, tensor)
+            for key, tensor in self.table_tensors(shard.table).items()
+        }
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sets every shard to its part of the source tables' initial values (see
+        ``torchrec_mec/modules/initialization.py``): the same values, whatever the plan, as the
+        unsharded collection built with the same seed."""
+        for shard in self.shards:
+            cfg, seed, parts = self._configs[shard.table], self._seeds[shard.table], self.local_tensors(shard)
+            (r0, c0) = shard.offsets
+            if cfg.compressed:
+                init_codes_(parts["codes"], cfg, seed, r0, c0 // cfg.subspace_dim)
+                init_codebooks_(parts["codebooks"], cfg, seed, c0 // cfg.subspace_dim)
+            else:
+                init_weight_(parts["weight"], cfg, seed, r0, c0)
 
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         if not self.shards:
@@ -127,8 +190,9 @@ class QuantizedShardsLookup(nn.Module):
             return torch.empty(
                 features.stride(), 0, device=features.values().device, requires_grad=True
             )
-        # Rename positionally: the input dist delivers features in shard order, and a rank may hold
-        # several column shards of one table, each reading the same feature.
+        if self._select is not None:  # several column shards of a table: read its features once
+            features = features.permute(self._select)
+        # Rename positionally: the input dist delivers features in shard order.
         local = KeyedJaggedTensor(
             keys=self._feature_names,
             values=features.values(),
@@ -136,52 +200,81 @@ class QuantizedShardsLookup(nn.Module):
             lengths=features.lengths(),
             stride=features.stride(),
         )
-        return self.qebc(local).values()
+        pooled = self.qebc(local).values()
+        if self._columns is None:
+            return pooled
+        return pooled.index_select(1, self._columns.to(pooled.device))
 
     @torch.no_grad()
-    def _copy_from(
-        self, source: QuantizedEmbeddingBagCollection, configs: Dict[str, QuantizedEmbeddingBagConfig]
-    ) -> None:
+    def _copy_from(self, source: QuantizedEmbeddingBagCollection) -> None:
         for shard in self.shards:
             (r0, c0), (rows, cols) = shard.offsets, shard.sizes
-            table = source.embedding_bags[shard.table]
+            table, parts = source.embedding_bags[shard.table], self.local_tensors(shard)
             if isinstance(table, ProductQuantizedTable):
-                d = configs[shard.table].subspace_dim
-                books = table.codebooks[c0 // d : (c0 + cols) // d]
-                codes = table.codes[r0 : r0 + rows, c0 // d : (c0 + cols) // d]
-                self.qebc.load_codes(shard.local_name, codes.to(self.qebc.device),
-                                     books.to(self.qebc.device))
+                d = self._configs[shard.table].subspace_dim
+                parts["codes"].copy_(table.codes[r0 : r0 + rows, c0 // d : (c0 + cols) // d])
+                parts["codebooks"].copy_(table.codebooks[c0 // d : (c0 + cols) // d])
             else:
-                self.qebc.embedding_bags[shard.local_name].weight.copy_(
-                    table.weight[r0 : r0 + rows, c0 : c0 + cols]
-                )
+                parts["weight"].copy_(table.weight[r0 : r0 + rows, c0 : c0 + cols])
+
+
+def _check_subspace_boundaries(cfg: QuantizedEmbeddingBagConfig, first: int, width: int) -> None:
+    d = cfg.subspace_dim
+    if cfg.compressed and (first % d or width % d):
+        raise ValueError(
+            f"table {cfg.name!r}: a column-wise shard [{first}, {first + width}) does not fall on "
+            f"subspace boundaries (multiples of embedding_dim / num_subspaces = {d}); give "
+            f"column_wise(size_per_rank=...) sizes that are multiples of {d}"
+        )
 
 
 def _local_config(
-    cfg: QuantizedEmbeddingBagConfig, shard: LocalShard, pool_mean_as_sum: bool
+    cfg: QuantizedEmbeddingBagConfig, rows: int, columns: int, pool_mean_as_sum: bool
 ) -> QuantizedEmbeddingBagConfig:
-    (_, c0), (rows, cols) = shard.offsets, shard.sizes
-    subspaces = 1
-    if cfg.compressed:
-        d = cfg.subspace_dim
-        if c0 % d or cols % d:
-            raise ValueError(
-                f"table {cfg.name!r}: a column-wise shard [{c0}, {c0 + cols}) does not fall on "
-                f"subspace boundaries (multiples of embedding_dim / num_subspaces = {d}); give "
-                f"column_wise(size_per_rank=...) sizes that are multiples of {d}"
-            )
-        subspaces = cols // d
-    return QuantizedEmbeddingBagConfig(
-        name=shard.local_name,
-        num_embeddings=rows,
-        embedding_dim=cols,
-        feature_names=[f"{f}@{shard.local_name}" for f in cfg.feature_names],
-        pooling=PoolingType.SUM if pool_mean_as_sum else cfg.pooling,
-        weight_init_max=cfg.weight_init_max,
-        weight_init_min=cfg.weight_init_min,
-        init_fn=cfg.init_fn,
-        num_subspaces=subspaces,
-        codebook_size=cfg.codebook_size,
+    with warnings.catch_warnings():  # a row-wise shard may hold fewer rows than K
+        warnings.simplefilter("ignore", CodebookLargerThanTableWarning)
+        return QuantizedEmbeddingBagConfig(
+            name=cfg.name,
+            num_embeddings=rows,
+            embedding_dim=columns,
+            feature_names=[f"{f}@{cfg.name}" for f in cfg.feature_names],
+            pooling=PoolingType.SUM if pool_mean_as_sum else cfg.pooling,
+            weight_init_max=cfg.weight_init_max,
+            weight_init_min=cfg.weight_init_min,
+            init_fn=cfg.init_fn,
+            num_subspaces=columns // cfg.subspace_dim if cfg.compressed else 1,
+            codebook_size=cfg.codebook_size,
+        )
+
+
+def _feature_routing(
+    shards: List[LocalShard],
+    configs: Dict[str, QuantizedEmbeddingBagConfig],
+    local_configs: List[QuantizedEmbeddingBagConfig],
+) -> Tuple[Optional[List[int]], Optional[torch.Tensor]]:
+    """Which delivered features the local QEBC reads (the first copy of each), and which of its
+    output columns make the layout the output dist expects (per shard, per feature, the shard's
+    columns); ``None`` where nothing moves (each table held as one shard)."""
+    delivered = [f"{f}@{s.table}" for s in shards for f in configs[s.table].feature_names]
+    first_copy: Dict[str, int] = {}
+    for i, name in enumerate(delivered):
+        first_copy.setdefault(name, i)
+    select = [first_copy[f] for cfg in local_configs for f in cfg.feature_names]
+    start: Dict[Tuple[str, int], int] = {}
+    position = 0
+    for cfg in local_configs:
+        for i in range(len(cfg.feature_names)):
+            start[(cfg.name, i)] = position
+            position += cfg.embedding_dim
+    columns = [
+        start[(s.table, i)] + s.local_column + c
+        for s in shards
+        for i in range(len(configs[s.table].feature_names))
+        for c in range(s.sizes[1])
+    ]
+    return (
+        None if select == list(range(len(delivered))) else select,
+        None if columns == list(range(position)) else torch.tensor(columns),
     )
 
 

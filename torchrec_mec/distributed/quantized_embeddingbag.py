@@ -6,6 +6,7 @@ all-to-all, row bucketization) and output dist (pooled all-to-all, reduce-scatte
 only the lookup with a local QEBC over the rank's shards (``QuantizedShardsLookup``).
 """
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type
 
 import torch
@@ -52,7 +53,6 @@ from torchrec_mec.distributed.embedding_lookup import LocalShard, QuantizedShard
 from torchrec_mec.distributed.fused_optimizer import InBackwardOptimizer, fused_optimizer_spec
 from torchrec_mec.distributed.planner import shardable_tables
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
-    ProductQuantizedTable,
     QuantizedEmbeddingBagCollection,
 )
 from torchrec_mec.modules.quantized_embedding_configs import QuantizedEmbeddingBagConfig
@@ -87,10 +87,15 @@ class ShardedQuantizedEmbeddingBagCollection(
     (``GRADIENT_DIVISION``), so with a per-rank mean loss they equal the unsharded module's
     gradients for the mean loss over the global batch. ``state_dict()`` has the unsharded keys
     (``embedding_bags.<t>.codes`` / ``.codebooks`` / ``.weight``): ``ShardedTensor`` for sharded
-    tables, plain tensors for replicated ones (data-parallel tables, row-wise codebooks).
+    tables, plain tensors for replicated ones (data-parallel tables, row-wise codebooks);
+    ``named_parameters()`` and ``named_buffers()`` give the same names, and the fused optimizer's
+    state is keyed by them and sharded like its parameter, so both reshard through
+    ``torch.distributed.checkpoint``.
 
     Args:
-        module: the unsharded QEBC (on ``meta`` to allocate shards without copying values).
+        module: the unsharded QEBC. On ``meta``, each rank allocates its shards only and fills
+            them with their part of the tables' initial values (the values the QEBC built on the
+            CPU with the same seed holds); otherwise the shards copy the module's values.
         table_name_to_parameter_sharding: the module's plan, per table.
         env: the sharding environment (process group).
         fused_params: the sharder's ``fused_params``; an ``"optimizer"`` there is applied in
@@ -129,14 +134,21 @@ class ShardedQuantizedEmbeddingBagCollection(
             )
             for st in self._sharding_types
         ]
-        self._lookups = nn.ModuleList(
-            [self._create_lookup(st, s, module)
-             for st, s in zip(self._sharding_types, self._embedding_shardings)]
-        )
-        self._input_dists = nn.ModuleList([s.create_input_dist() for s in self._embedding_shardings])
-        self._output_dists = nn.ModuleList(
-            [s.create_output_dist(device=device) for s in self._embedding_shardings]
-        )
+        # Plain lists, as in TorchRec's sharded EBC: the tables' tensors are registered once, under
+        # ``embedding_bags`` (below), so that parameter and buffer names are the state dict's keys.
+        self._lookups: List[nn.Module] = [
+            self._create_lookup(st, s, module)
+            for st, s in zip(self._sharding_types, self._embedding_shardings)
+        ]
+        self._input_dists: List[nn.Module] = [s.create_input_dist() for s in self._embedding_shardings]
+        self._output_dists: List[nn.Module] = [
+            s.create_output_dist(device=device) for s in self._embedding_shardings
+        ]
+        self._layouts = {
+            (table, key): self._layout(table, key)
+            for table, cfg in self._configs.items() for key in _state_keys(cfg)
+        }
+        self.embedding_bags = nn.ModuleDict({table: nn.Module() for table in self._configs})
         self._feature_splits = [len(s.feature_names()) for s in self._embedding_shardings]
         self._feature_names = [f for s in self._embedding_shardings for f in s.feature_names()]
         self._embedding_names = [n for s in self._embedding_shardings for n in s.embedding_names()]
@@ -145,6 +157,7 @@ class ShardedQuantizedEmbeddingBagCollection(
         self._input_keys: Optional[List[str]] = None
         self._row_wise_mean = self._find_row_wise_mean()
         self._optim = self._create_fused_optimizer(module, fused_params)
+        self._register_tables(module, fused_params)
 
     # -- construction ----------------------------------------------------------------------
     def _sharding_infos(
@@ -206,19 +219,57 @@ class ShardedQuantizedEmbeddingBagCollection(
         self, module: QuantizedEmbeddingBagCollection, fused_params: Optional[Dict[str, Any]]
     ) -> KeyedOptimizer:
         optims: List[Tuple[str, KeyedOptimizer]] = []
-        for st, lookup in zip(self._sharding_types, self._lookups):
-            if st == ShardingType.DATA_PARALLEL.value:
+        for table in self._configs:
+            layout = self._layouts[(table, _parameter_key(self._configs[table]))]
+            local = layout.local()
+            if local is None or layout.data_parallel:
                 continue
-            for shard in lookup.shards:
-                source = module.embedding_bags[shard.table]
-                param_name = "codebooks" if isinstance(source, ProductQuantizedTable) else "weight"
-                spec = fused_optimizer_spec(getattr(source, param_name), fused_params)
-                if spec is None:
-                    continue
-                param = lookup.local_tensors(shard)[param_name]
-                key = f"embedding_bags.{shard.local_name}.{param_name}"
-                optims.append(("", InBackwardOptimizer({key: param}, *spec)))
+            spec = fused_optimizer_spec(_source_parameter(module, table), fused_params)
+            if spec is not None:
+                optims.append(("", InBackwardOptimizer({layout.name: local}, *spec, {layout.name: layout})))
         return CombinedOptimizer(optims) if optims else EmptyFusedOptimizer()
+
+    def _register_tables(
+        self, module: QuantizedEmbeddingBagCollection, fused_params: Optional[Dict[str, Any]]
+    ) -> None:
+        """Registers this rank's tensors of each table under ``embedding_bags.<table>``; a table
+        this rank holds nothing of gets empty ones, as in TorchRec's sharded EBC."""
+        for (table, key), layout in self._layouts.items():
+            holder, local = self.embedding_bags[table], layout.local()
+            if key == "codes":
+                holder.register_buffer(key, local if local is not None else torch.empty(
+                    0, dtype=_key_dtype(self._configs[table], key), device=self._device))
+                continue
+            if local is None:
+                local = nn.Parameter(torch.empty(0, device=self._device))
+                if fused_optimizer_spec(_source_parameter(module, table), fused_params) is not None:
+                    # Left out of the dense optimizer (in_backward_optimizer_filter), as TorchRec does.
+                    local._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
+            holder.register_parameter(key, local)
+
+    def _layout(self, table: str, key: str) -> "TableLayout":
+        cfg, ps = self._configs[table], self.module_sharding_plan[table]
+        lookup, shards = None, []
+        for candidate in self._lookups:
+            inner = candidate.module if isinstance(candidate, DistributedDataParallel) else candidate
+            held = [s for s in inner.shards if s.table == table]
+            if held:
+                lookup, shards = inner, held
+        replicated = ps.sharding_type == ShardingType.DATA_PARALLEL.value or (
+            ps.sharding_type == ShardingType.ROW_WISE.value and key == "codebooks"
+        )
+        return TableLayout(
+            name=f"embedding_bags.{table}.{key}",
+            config=cfg,
+            key=key,
+            lookup=lookup,
+            shards=shards,
+            global_shards=None if replicated else [
+                _key_metadata(cfg, key, m) for m in ps.sharding_spec.shards  # type: ignore[union-attr]
+            ],
+            data_parallel=ps.sharding_type == ShardingType.DATA_PARALLEL.value,
+            process_group=self._env.process_group,
+        )
 
     # -- ShardedModule ---------------------------------------------------------------------
     def create_context(self) -> EmbeddingBagCollectionContext:
@@ -311,21 +362,14 @@ class ShardedQuantizedEmbeddingBagCollection(
         return QuantizedEmbeddingBagCollection
 
     # -- state: the unsharded keys ---------------------------------------------------------
-    def _local_parts(self, table: str) -> List[Tuple[LocalShard, Dict[str, torch.Tensor]]]:
-        parts = []
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Sets every shard to its part of the tables' initial values: the values the unsharded
+        collection gets at construction with the same seed, whatever the plan."""
         for lookup in self._lookups:
             inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
-            parts += [(s, inner.local_tensors(s)) for s in inner.shards if s.table == table]
-        return parts
-
-    def _global_shards(self, table: str, key: str) -> Optional[List[ShardMetadata]]:
-        """The shards of ``embedding_bags.<table>.<key>`` over all ranks; ``None`` if replicated."""
-        cfg, ps = self._configs[table], self.module_sharding_plan[table]
-        if ps.sharding_type == ShardingType.DATA_PARALLEL.value or (
-            ps.sharding_type == ShardingType.ROW_WISE.value and key == "codebooks"
-        ):
-            return None
-        return [_key_metadata(cfg, key, m) for m in ps.sharding_spec.shards]  # type: ignore[union-attr]
+            if inner.qebc.device.type != "meta":
+                inner.reset_parameters()
 
     def state_dict(  # type: ignore[override]
         self,
@@ -335,28 +379,11 @@ class ShardedQuantizedEmbeddingBagCollection(
     ) -> Dict[str, Any]:
         if destination is None:
             destination = OrderedDict()
-        for table, cfg in self._configs.items():
-            parts = self._local_parts(table)
-            for key in _state_keys(cfg):
-                shards = self._global_shards(table, key)
-                tensors = [t[key] if keep_vars else t[key].detach() for _, t in parts]
-                if shards is None:
-                    destination[f"{prefix}embedding_bags.{table}.{key}"] = tensors[0]
-                    continue
-                local = [
-                    Shard(tensor, _key_metadata(cfg, key, none_throws(shard.metadata)))
-                    for (shard, _), tensor in zip(parts, tensors)
-                ]
-                metadata = ShardedTensorMetadata(
-                    shards_metadata=shards,
-                    size=_global_size(cfg, key),
-                    tensor_properties=TensorProperties(dtype=_key_dtype(cfg, key)),
-                )
-                destination[f"{prefix}embedding_bags.{table}.{key}"] = (
-                    ShardedTensor._init_from_local_shards_and_global_metadata(
-                        local, metadata, process_group=self._env.process_group
-                    )
-                )
+        for layout in self._layouts.values():
+            local = layout.local()
+            if local is not None and not keep_vars:
+                local = local.detach()
+            destination[prefix + layout.name] = layout.to_global(local)
         return destination
 
     @torch.no_grad()
@@ -366,34 +393,105 @@ class ShardedQuantizedEmbeddingBagCollection(
         """Loads the unsharded keys from ``ShardedTensor``s laid out as this module's own
         ``state_dict()`` (use ``torch.distributed.checkpoint`` to reshard), or from plain tensors
         of the full table (e.g. an unsharded QEBC's ``state_dict()``)."""
-        expected = {
-            f"embedding_bags.{t}.{k}": (t, k) for t, cfg in self._configs.items() for k in _state_keys(cfg)
-        }
+        expected = {layout.name: layout for layout in self._layouts.values()}
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
         if strict and (missing or unexpected):
             raise RuntimeError(
                 f"Error loading state_dict: missing keys {missing}, unexpected keys {unexpected}"
             )
-        for name, (table, key) in expected.items():
-            if name not in state_dict:
-                continue
-            value, cfg = state_dict[name], self._configs[table]
-            for shard, tensors in self._local_parts(table):
-                target = tensors[key]
-                meta = None if self._global_shards(table, key) is None else shard.metadata
-                source = _local_source(name, value, _key_metadata(cfg, key, meta) if meta else None)
-                if source.dtype != target.dtype or source.shape != target.shape:
-                    raise ValueError(
-                        f"{name}: got {source.dtype} {tuple(source.shape)} for a local part of "
-                        f"{target.dtype} {tuple(target.shape)}"
-                    )
-                if key == "codes" and source.numel():
-                    top = int(source.to(torch.int32).max())
-                    if top >= cfg.codebook_size:
-                        raise ValueError(f"{name}: code {top} >= codebook_size {cfg.codebook_size}")
-                target.copy_(source)
+        for name, layout in expected.items():
+            local = layout.local()
+            if name in state_dict and local is not None:
+                layout.copy_local(state_dict[name], local)
         return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
+@dataclass
+class TableLayout:
+    """Where this rank's tensor of one state key (``embedding_bags.<t>.codes``, ``.codebooks`` or
+    ``.weight``) sits in the table: the one place that turns local tensors (the parameter, its
+    optimizer state) into the table-wide ``ShardedTensor`` of a state dict, and back.
+
+    Args:
+        name: the state key.
+        config: the table's config.
+        key: ``codes``, ``codebooks`` or ``weight``.
+        lookup: the lookup holding this rank's shards of the table (``None``: it holds none).
+        shards: those shards.
+        global_shards: every rank's shards of this key; ``None`` when every rank holds a replica
+            (data-parallel tables, row-wise codebooks).
+        data_parallel: whether the table is data-parallel.
+        process_group: the sharding's process group.
+    """
+
+    name: str
+    config: QuantizedEmbeddingBagConfig
+    key: str
+    lookup: Optional[QuantizedShardsLookup]
+    shards: List[LocalShard]
+    global_shards: Optional[List[ShardMetadata]]
+    data_parallel: bool
+    process_group: Any
+
+    def local(self) -> Optional[torch.Tensor]:
+        """This rank's tensor of the key, all its shards together (``None`` if it holds none)."""
+        return None if self.lookup is None else self.lookup.table_tensors(self.config.name)[self.key]
+
+    def parts(self, local: torch.Tensor) -> List[Tuple[Optional[ShardMetadata], torch.Tensor]]:
+        """Per shard held here: its metadata for this key (``None`` if replicated) and its part of
+        ``local`` (any tensor shaped like :meth:`local`)."""
+        assert self.lookup is not None
+        return [
+            (None if self.global_shards is None else _key_metadata(self.config, self.key, none_throws(s.metadata)),
+             self.lookup.shard_part(s, self.key, local))
+            for s in self.shards
+        ]
+
+    def to_global(self, local: Optional[torch.Tensor]) -> Any:
+        """``local`` (shaped like :meth:`local`) as the table-wide value: itself when replicated,
+        else a ``ShardedTensor`` over this rank's parts (views of ``local``, or copies where a
+        part is a column block of several shards held here)."""
+        if self.global_shards is None:
+            assert local is not None, f"{self.name}: a replicated key missing on this rank"
+            return local
+        shards = [] if local is None else [
+            Shard(part if part.is_contiguous() else part.contiguous(), none_throws(meta))
+            for meta, part in self.parts(local)
+        ]
+        metadata = ShardedTensorMetadata(
+            shards_metadata=self.global_shards,
+            size=_global_size(self.config, self.key),
+            tensor_properties=TensorProperties(
+                dtype=local.dtype if local is not None else _key_dtype(self.config, self.key)
+            ),
+        )
+        return ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, metadata, process_group=self.process_group
+        )
+
+    @torch.no_grad()
+    def copy_local(self, value: Any, local: torch.Tensor) -> None:
+        """Copies this rank's part of ``value`` (a ``ShardedTensor`` laid out as
+        :meth:`to_global` lays it out, or the whole table's tensor) into ``local``, after
+        checking every part (dtype, shape, and codes against the codebook size)."""
+        pairs = []
+        for meta, target in self.parts(local):
+            source = _local_source(self.name, value, meta)
+            if source.dtype != target.dtype or source.shape != target.shape:
+                raise ValueError(
+                    f"{self.name}: got {source.dtype} {tuple(source.shape)} for a local part of "
+                    f"{target.dtype} {tuple(target.shape)}"
+                )
+            if self.key == "codes" and source.numel():
+                top = int(source.to(torch.int32).max())
+                if top >= self.config.codebook_size:
+                    raise ValueError(
+                        f"{self.name}: code {top} >= codebook_size {self.config.codebook_size}"
+                    )
+            pairs.append((source, target))
+        for source, target in pairs:
+            target.copy_(source)
 
 
 class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbeddingBagCollection]):
@@ -468,6 +566,14 @@ class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbed
 
 def _state_keys(cfg: QuantizedEmbeddingBagConfig) -> List[str]:
     return ["codes", "codebooks"] if cfg.compressed else ["weight"]
+
+
+def _parameter_key(cfg: QuantizedEmbeddingBagConfig) -> str:
+    return "codebooks" if cfg.compressed else "weight"
+
+
+def _source_parameter(module: QuantizedEmbeddingBagCollection, table: str) -> nn.Parameter:
+    return getattr(module.embedding_bags[table], _parameter_key(module.embedding_bags[table].config))
 
 
 def _global_size(cfg: QuantizedEmbeddingBagConfig, key: str) -> torch.Size:
