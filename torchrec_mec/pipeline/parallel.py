@@ -136,8 +136,10 @@ def gather_state(state: Mapping[str, Any], ctx: DistContext) -> Optional[Dict[st
 def load_state(state: Mapping[str, Any], full: Mapping[str, torch.Tensor], source: str) -> None:
     """Copies full tensors into a (possibly sharded) state dict in place, key by key.
 
-    State dict tensors alias the parameters, buffers and optimizer states they come from, so
-    this loads them. Every key of ``state`` must be in ``full`` with the same shape.
+    Most state dict tensors alias the parameters, buffers and optimizer states they come from,
+    but not all (a sharded QEBC copies the parts of a table that a rank holds as several column
+    shards): pass the filled ``state`` to the module's or optimizer's ``load_state_dict``. Every
+    key of ``state`` must be in ``full`` with the same shape.
 
     Raises:
         KeyError: a key of ``state`` missing from ``full`` (the message names ``source``).
@@ -175,7 +177,8 @@ def local_state(state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
 
 def load_local_state(state: Mapping[str, Any], local: Mapping[str, torch.Tensor],
                      source: str) -> None:
-    """Copies what :func:`local_state` saved back into ``state`` in place.
+    """Copies what :func:`local_state` saved back into ``state`` in place (then pass ``state`` to
+    ``load_state_dict``, as for :func:`load_state`).
 
     Raises:
         KeyError: an entry is missing (the message names ``source``).

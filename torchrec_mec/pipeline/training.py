@@ -173,7 +173,9 @@ def train_model(
     if ctx.distributed:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         runner = shard_model(model, ctx, settings.embedding_lr)
-        load_state(runner.state_dict(), initial, "the initial model")
+        state = runner.state_dict()
+        load_state(state, initial, "the initial model")
+        runner.load_state_dict(state)  # parts of a state dict may be copies, not views
         del initial
     else:
         _sparse_table_gradients(model)
@@ -366,8 +368,12 @@ def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
     optim_state, _ = load_artifact(optim_uri, expect_kind=OPTIMIZER_KIND)
     for part in own:
         part.init_state()  # Adam's state is lazy: make it so the checkpoint can fill it
-    load_state(runner.state_dict(), _strip(tensors, "model."), f"checkpoint {uri}")
-    load_local_state(optimizer.state_dict()["state"], optim_state, f"checkpoint {optim_uri}")
+    state = runner.state_dict()
+    load_state(state, _strip(tensors, "model."), f"checkpoint {uri}")
+    runner.load_state_dict(state)  # parts of a state dict may be copies, not views
+    optimizer_state = optimizer.state_dict()
+    load_local_state(optimizer_state["state"], optim_state, f"checkpoint {optim_uri}")
+    optimizer.load_state_dict(optimizer_state)
     best = _strip(tensors, "best.") if ctx.is_main else None
     return meta["epoch"], meta["step"], TrainHistory(**meta["history"]), best or None
 
