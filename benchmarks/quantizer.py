@@ -198,7 +198,8 @@ def main() -> None:
         variants: List[Tuple[str, MECConfig]] = [("MEC", base)]
         if args.ablation and case == args.cases.split(",")[0]:
             variants += [
-                ("  no popularity", dataclasses.replace(base, popularity_weighting=False)),
+                ("  published weighting", dataclasses.replace(base, weighting="published")),
+                ("  uniform weighting", dataclasses.replace(base, weighting="uniform")),
                 ("  no usage reg", dataclasses.replace(base, reg_weight=0.0)),
                 ("  usage reg x10", dataclasses.replace(base, reg_weight=base.reg_weight * 10)),
                 ("  no contrastive", dataclasses.replace(base, contrastive_weight=0.0)),

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from torchrec_mec.modules.quantized_embedding_configs import code_dtype
-from torchrec_mec.quantize import MECConfig, MECQuantizer, popularity_weights, quantize_table
+from torchrec_mec.quantize import (
+    MECConfig,
+    MECQuantizer,
+    popularity_weights,
+    quantize_table,
+    row_weights,
+)
 from torchrec_mec.quantize.kmeans import nearest_codewords, weighted_sample
 from torchrec_mec.quantize.losses import (
     contrastive_loss,
@@ -15,7 +21,7 @@ from torchrec_mec.quantize.losses import (
 
 # Small and fast: a few thousand rows, a few hundred optimizer steps at most.
 SMALL = dict(num_subspaces=2, codebook_size=16, epochs=4, samples_per_epoch=4096,
-             batch_size=1024, holdout_rows=512)
+             batch_size=1024, eval_rows=512)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
@@ -164,10 +170,76 @@ def test_popularity_weighting_lowers_error_of_popular_ids():
     popular = torch.randperm(6000, generator=torch.Generator().manual_seed(123))[:60]
     counts[popular] = 2**30  # weight 30: the 1% popular ids carry a third of the mass
     on = quantize_table(weight, counts, MECConfig(**SMALL), progress=False)
-    off = quantize_table(weight, counts, MECConfig(**SMALL, popularity_weighting=False),
+    off = quantize_table(weight, counts, MECConfig(**SMALL, weighting="uniform"),
                          progress=False)
     assert on.stats.mse_popular < 0.9 * off.stats.mse_popular
     assert on.stats.weighted_mse < off.stats.weighted_mse
+
+
+def test_traffic_weighting_gives_rows_never_seen_no_weight():
+    counts = torch.tensor([0, 1, 5, 0, 1000])
+    assert row_weights(counts, "traffic").tolist() == [0.0, 1.0, 5.0, 0.0, 1000.0]
+    assert row_weights(counts, "uniform").tolist() == [1.0] * 5
+    published = [max(1, math.floor(math.log2(c))) if c else 1 for c in counts.tolist()]
+    assert row_weights(counts, "published").tolist() == published
+    weight, counts = gaussian_table(7, n=3000)
+    counts[::3] = 0
+    unseen = counts == 0
+    moved = weight.clone()
+    moved[unseen] = 50 * torch.randn(int(unseen.sum()), 8, generator=torch.Generator().manual_seed(1))
+    # Rows never seen do not change the codebooks or the codes of the other rows ...
+    a = quantize_table(weight, counts, MECConfig(**SMALL), progress=False)
+    b = quantize_table(moved, counts, MECConfig(**SMALL), progress=False)
+    assert torch.equal(a.codebooks, b.codebooks) and torch.equal(a.codes[~unseen], b.codes[~unseen])
+    # ... which they do with MEC's published weights (every row counts at least once).
+    cfg = MECConfig(**SMALL, weighting="published")
+    c = quantize_table(weight, counts, cfg, progress=False)
+    d = quantize_table(moved, counts, cfg, progress=False)
+    assert not torch.equal(c.codebooks, d.codebooks)
+    assert a.stats.traffic_mse < c.stats.traffic_mse
+
+
+def test_a_table_never_seen_in_training_falls_back_to_uniform_weights():
+    weight, _ = gaussian_table(8, n=1000)
+    res = quantize_table(weight, torch.zeros(1000), MECConfig(**SMALL), progress=False)
+    assert res.stats.relative_mse < 1.0
+    assert res.stats.traffic_mse == res.stats.mse
+
+
+def test_kmeans_pq_config_is_plain_per_subspace_kmeans():
+    rows, counts, _, _ = planted_table(1, n=2000, m=2, k=8, d=3, sigma=0.3)
+    # A sample of up to 256 x K rows covers the whole table: k-means runs on every row.
+    cfg = MECConfig(num_subspaces=2, codebook_size=8, kmeans_iters=50,
+                    kmeans_points_per_centroid=256).kmeans_pq()
+    res = quantize_table(rows, counts, cfg, progress=False)
+    assert res.stats.epochs_run == 0 and res.stats.eval_loss == []
+    # A k-means fixed point, checked in float64: every code is the nearest codeword of its
+    # sub-vector, and every codeword is the (unweighted) mean of the sub-vectors coded to it.
+    x, cb, codes = rows.double().view(-1, 2, 3), res.codebooks.double(), res.codes.long()
+    dist = ((x.unsqueeze(2) - cb.unsqueeze(0)) ** 2).sum(-1)  # [N, M, K]
+    assert torch.allclose(dist.gather(2, codes.unsqueeze(2)).squeeze(2), dist.min(-1).values,
+                          atol=1e-9, rtol=1e-6)
+    for m in range(2):
+        for k in range(8):
+            members = x[codes[:, m] == k, m]
+            assert members.shape[0] > 0
+            assert torch.allclose(cb[m, k], members.mean(0), atol=1e-5)
+    # Counts play no part.
+    flat = quantize_table(rows, torch.ones(2000), cfg, progress=False)
+    assert torch.equal(flat.codebooks, res.codebooks) and torch.equal(flat.codes, res.codes)
+
+
+def test_kmeans_pq_config_matches_faiss_product_quantizer():
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is a dev requirement")
+    weight, counts = gaussian_table(9, n=4000, d=8)
+    res = quantize_table(weight, counts,
+                         MECConfig(num_subspaces=2, codebook_size=16).kmeans_pq(), progress=False)
+    pq = faiss.ProductQuantizer(8, 2, 4)
+    pq.train(weight.numpy())
+    ref = torch.from_numpy(pq.decode(pq.compute_codes(weight.numpy())))
+    faiss_mse = float((weight.double() - ref.double()).pow(2).mean())
+    # Two k-means runs land in different local optima: equal within a few percent.
+    assert abs(res.stats.mse - faiss_mse) < 0.03 * faiss_mse
 
 
 def test_usage_regularizer_raises_perplexity():
@@ -185,22 +257,22 @@ def test_usage_regularizer_raises_perplexity():
 
 def test_every_part_can_be_switched_off():
     weight, counts = gaussian_table(3, n=1000)
-    cfg = MECConfig(**SMALL, encoder="none", popularity_weighting=False, reg_weight=0.0,
+    cfg = MECConfig(**SMALL, encoder="none", weighting="uniform", reg_weight=0.0,
                     contrastive_weight=0.0, reseed_dead=False, kmeans_init=False,
                     early_stopping_patience=0)
     res = quantize_table(weight, counts, cfg, progress=False)
-    assert res.stats.epochs_run == SMALL["epochs"] and res.stats.heldout_loss == []
+    assert res.stats.epochs_run == SMALL["epochs"] and res.stats.eval_loss == []
     assert res.stats.relative_mse < 1.0
 
 
-def test_early_stopping_keeps_the_best_heldout_state():
+def test_early_stopping_keeps_the_best_evaluated_state():
     weight, counts = gaussian_table(4)
     # A huge learning rate wrecks the codebooks: the k-means start (epoch 0) must be kept.
     cfg = MECConfig(**{**SMALL, "epochs": 20, "lr": 50.0}, early_stopping_patience=2)
     res = quantize_table(weight, counts, cfg, progress=False)
     assert res.stats.best_epoch == 0 and res.stats.epochs_run == 2
-    assert len(res.stats.heldout_loss) == 3
-    assert res.stats.heldout_loss[0] == min(res.stats.heldout_loss)
+    assert len(res.stats.eval_loss) == 3
+    assert res.stats.eval_loss[0] == min(res.stats.eval_loss)
 
 
 def test_dead_codewords_are_reseeded():

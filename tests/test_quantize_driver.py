@@ -21,7 +21,7 @@ driver = importlib.import_module("torchrec_mec.quantize.driver")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CFG = MECConfig(num_subspaces=2, codebook_size=16, epochs=6, samples_per_epoch=2048,
-                batch_size=512, holdout_rows=256, early_stopping_patience=10)
+                batch_size=512, eval_rows=256, early_stopping_patience=10)
 
 
 def make_tables(sizes=(("ads", 3000), ("users", 2000), ("tiny", 300))):

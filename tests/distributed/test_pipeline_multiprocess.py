@@ -26,7 +26,7 @@ OVERRIDES = {
     "finetune.epochs": 1, "finetune.batch_size": 128,
     "compress.min_rows": 300,
     "compress.quantizer": {"num_subspaces": 2, "codebook_size": 16, "epochs": 2,
-                           "samples_per_epoch": 1024, "batch_size": 512, "holdout_rows": 0,
+                           "samples_per_epoch": 1024, "batch_size": 512, "eval_rows": 0,
                            "early_stopping_patience": 0, "kmeans_points_per_centroid": 16},
     "evaluate.batch_size": 256,
 }

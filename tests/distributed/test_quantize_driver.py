@@ -8,7 +8,7 @@ from torchrec_mec.artifacts import load_artifact
 from torchrec_mec.quantize import MECConfig, quantize_tables
 
 CFG = MECConfig(num_subspaces=2, codebook_size=16, epochs=3, samples_per_epoch=2048,
-                batch_size=512, holdout_rows=256)
+                batch_size=512, eval_rows=256)
 MIN_ROWS = 1000
 
 

@@ -54,7 +54,8 @@ def compress(
     progress: bool = True,
 ) -> str:
     """Stage 2: product-quantizes every pre-trained table of at least ``compress.min_rows`` rows
-    with MEC (popularity from stage 1's id counts); the others stay full.
+    with MEC (row weights from stage 1's id counts), or with plain k-means PQ
+    (``compress.method="kmeans_pq"``); the others stay full.
 
     Runs ``torchrec_mec.quantize.quantize_tables``: tables are spread over the ranks of a
     torchrun job; each table's quantizer checkpoints every epoch and a finished table (its
@@ -87,7 +88,7 @@ def compress(
     weights = {k[len("embedding_bags."):-len(".weight")]: v for k, v in tensors.items()
                if k.startswith("embedding_bags.") and k.endswith(".weight")}
     all_tables = {t: (w, counts[t]) for t, w in weights.items()}
-    results = quantize_tables(all_tables, settings.compress.quantizer,
+    results = quantize_tables(all_tables, settings.compress.config,
                               os.path.join(out_dir, "tables"), min_rows=settings.compress.min_rows,
                               overwrite=force, progress=progress and ctx.is_main)
     compressed = {t: r for t, r in results.items() if r is not None}

@@ -102,18 +102,30 @@ class CompressSettings:
     Args:
         min_rows (int): tables with at least this many rows are compressed; smaller ones stay
             full (MEC's published code: 100,000). Must be >= the codebook size.
+        method (str): ``"mec"`` (the quantizer as ``quantizer`` says) or ``"kmeans_pq"``
+            (plain k-means product quantization with the same M, K and seed:
+            ``MECConfig.kmeans_pq``), the baseline MEC is compared with.
         quantizer (MECConfig): M, K, losses and schedule of the quantizer.
 
     Example::
 
-        >>> CompressSettings(min_rows=500, quantizer=MECConfig(codebook_size=32)).min_rows
-        500
+        >>> s = CompressSettings(min_rows=500, method="kmeans_pq",
+        ...                      quantizer=MECConfig(codebook_size=32))
+        >>> s.min_rows, s.config.codebook_size, s.config.contrastive_weight
+        (500, 32, 0.0)
     """
 
     min_rows: int = 100_000
+    method: str = "mec"
     quantizer: MECConfig = field(default_factory=MECConfig)
 
+    @property
+    def config(self) -> MECConfig:
+        """The quantizer config stage 2 runs: ``quantizer`` for ``method``."""
+        return self.quantizer.for_method(self.method)
+
     def __post_init__(self) -> None:
+        self.quantizer.for_method(self.method)  # raises on an unknown method
         if self.min_rows < self.quantizer.codebook_size:
             raise ValueError(f"compress.min_rows ({self.min_rows}) must be >= the codebook size "
                              f"({self.quantizer.codebook_size}): a table needs at least K rows")
@@ -178,7 +190,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "compress": {"min_rows": 200,
                      "quantizer": {"num_subspaces": 4, "codebook_size": 32, "epochs": 10,
                                    "samples_per_epoch": 4096, "batch_size": 1024,
-                                   "holdout_rows": 1024, "kmeans_points_per_centroid": 32}},
+                                   "eval_rows": 1024, "kmeans_points_per_centroid": 32}},
         "finetune": {"epochs": 2, "batch_size": 256, "dense_lr": 1e-4, "embedding_lr": 0.01},
         "evaluate": {"batch_size": 4096},
     },

@@ -12,6 +12,7 @@ from torchrec_mec.quantize.quantize_table import (
     QuantizeStats,
     popularity_weights,
     quantize_table,
+    row_weights,
 )
 
 __all__ = [
@@ -24,5 +25,6 @@ __all__ = [
     "popularity_weights",
     "quantize_table",
     "quantize_tables",
+    "row_weights",
     "table_seed",
 ]

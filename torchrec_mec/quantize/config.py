@@ -6,6 +6,8 @@ from typing import Any, Dict
 from torchrec_mec.modules.quantized_embedding_configs import MAX_CODEBOOK_SIZE
 
 ENCODERS = ("mlp", "linear", "none")
+WEIGHTINGS = ("traffic", "published", "uniform")
+METHODS = ("mec", "kmeans_pq")
 
 
 @dataclass(frozen=True)
@@ -13,23 +15,28 @@ class MECConfig:
     """Settings of the MEC product quantizer (stage 2).
 
     Every part of the method can be switched off on its own, so that its effect can be measured:
-    ``encoder="none"``, ``popularity_weighting=False``, ``reg_weight=0``,
+    ``encoder="none"``, ``weighting="uniform"``, ``reg_weight=0``,
     ``contrastive_weight=0``, ``reseed_dead=False``, ``kmeans_init=False``,
-    ``early_stopping_patience=0``.
+    ``early_stopping_patience=0``, ``epochs=0``. All of them off is plain k-means product
+    quantization in the same codes and codebooks format: :meth:`kmeans_pq`.
 
     Args:
         num_subspaces (int): M, codes per row; the table's dim must be divisible by it.
         codebook_size (int): K, codewords per codebook, in [2, 65536]. Codes are stored in one
             byte for K <= 256, two bytes above.
-        epochs (int): most training epochs; early stopping may end sooner.
+        epochs (int): most training epochs; early stopping may end sooner. 0: the k-means
+            initialisation is the result (no gradient training).
         samples_per_epoch (int): rows drawn (popularity-weighted, with replacement) per epoch.
             Training cost does not grow with the table; encoding all rows at the end does.
         batch_size (int): rows per optimizer step (the method's published 8,000 to 12,000).
         lr (float): Adam learning rate, in units of the table's standardised scale (the
             published 1e-4 was for unscaled rows and far more steps; see docs/quantizer.md).
         seed (int): seeds every random draw (one ``torch.Generator``).
-        popularity_weighting (bool): weight row i by ``max(1, floor(log2 count_i))`` in training
-            samples, the k-means sample and the held-out loss; off weighs every row 1.
+        weighting (str): the weight of row i in the k-means initialisation, the training samples
+            and the early-stopping loss, from its training count ``n_i``: ``"traffic"`` (``n_i``:
+            each row counts as often as it is looked up, rows never seen in training count 0),
+            ``"published"`` (MEC's ``max(1, floor(log2 n_i))``) or ``"uniform"`` (1). See
+            docs/quantizer.md for the measured choice.
         encoder (str): ``"mlp"`` (residual one-hidden-layer MLP), ``"linear"`` (residual linear
             map) or ``"none"`` (z = e, plain PQ with trained codebooks). Both encoders start at
             the identity, so training starts from the k-means product quantizer.
@@ -56,14 +63,18 @@ class MECConfig:
         kmeans_iters (int): Lloyd iterations after k-means++ seeding.
         kmeans_points_per_centroid (int): k-means sample size is this times K (capped at N*4).
         early_stopping_patience (int): stop after this many epochs without improvement of the
-            held-out loss and keep the best state; 0 trains all epochs on all rows.
-        holdout_rows (int): rows held out for early stopping (at most a tenth of the table).
+            evaluation loss and keep the best state; 0 trains all epochs.
+        eval_rows (int): size of the fixed, weighted draw of rows the early-stopping loss is
+            measured on (0: no early stopping).
 
     Example::
 
         >>> cfg = MECConfig(num_subspaces=8, codebook_size=256, reg_weight=0.0)
-        >>> cfg.codebook_size, cfg.popularity_weighting
-        (256, True)
+        >>> cfg.codebook_size, cfg.weighting
+        (256, 'traffic')
+        >>> pq = cfg.kmeans_pq()  # the same M, K and k-means settings, MEC's terms off
+        >>> pq.weighting, pq.epochs, pq.contrastive_weight
+        ('uniform', 0, 0.0)
     """
 
     num_subspaces: int = 4
@@ -73,7 +84,7 @@ class MECConfig:
     batch_size: int = 8192
     lr: float = 1e-2
     seed: int = 0
-    popularity_weighting: bool = True
+    weighting: str = "traffic"
     encoder: str = "mlp"
     commitment_weight: float = 1.0
     reg_weight: float = 0.1
@@ -87,15 +98,15 @@ class MECConfig:
     kmeans_iters: int = 20
     kmeans_points_per_centroid: int = 128
     early_stopping_patience: int = 5
-    holdout_rows: int = 16_384
+    eval_rows: int = 16_384
 
     def __post_init__(self) -> None:
-        positive = ("num_subspaces", "epochs", "samples_per_epoch", "batch_size", "num_negatives",
+        positive = ("num_subspaces", "samples_per_epoch", "batch_size", "num_negatives",
                     "usage_rows")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"MECConfig.{field} must be >= 1, got {getattr(self, field)}")
-        nonneg = ("kmeans_iters", "early_stopping_patience", "holdout_rows")
+        nonneg = ("epochs", "kmeans_iters", "early_stopping_patience", "eval_rows")
         for field in nonneg:
             if getattr(self, field) < 0:
                 raise ValueError(f"MECConfig.{field} must be >= 0, got {getattr(self, field)}")
@@ -114,8 +125,37 @@ class MECConfig:
             )
         if self.encoder not in ENCODERS:
             raise ValueError(f"MECConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(
+                f"MECConfig.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
+            )
         if self.kmeans_points_per_centroid < 1:
             raise ValueError("MECConfig.kmeans_points_per_centroid must be >= 1")
+        if self.epochs == 0 and not self.kmeans_init:
+            raise ValueError("MECConfig: epochs=0 keeps the initialisation, which then must be "
+                             "k-means (kmeans_init=True)")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def kmeans_pq(self) -> "MECConfig":
+        """Plain k-means product quantization with this config's M, K, seed and k-means
+        settings: every row weighs 1, no encoder, no usage or contrastive term, no gradient
+        training. The codes and codebooks have the same format as MEC's; this is the
+        ``kmeans_pq`` method of comparisons (``for_method("kmeans_pq")``)."""
+        return dataclasses.replace(
+            self, weighting="uniform", encoder="none", reg_weight=0.0, contrastive_weight=0.0,
+            reseed_dead=False, kmeans_init=True, epochs=0, early_stopping_patience=0)
+
+    def for_method(self, method: str) -> "MECConfig":
+        """The config of a named quantization method: ``"mec"`` (this config) or
+        ``"kmeans_pq"`` (:meth:`kmeans_pq`).
+
+        Example::
+
+            >>> MECConfig(num_subspaces=2).for_method("kmeans_pq").num_subspaces
+            2
+        """
+        if method not in METHODS:
+            raise ValueError(f"quantization method must be one of {METHODS}, got {method!r}")
+        return self if method == "mec" else self.kmeans_pq()

@@ -69,11 +69,13 @@ def kmeans(
     num_subspaces: int,
     iters: int,
     generator: torch.Generator,
+    weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-subspace k-means: k-means++ seeding, then ``iters`` Lloyd iterations.
+    """Per-subspace (weighted) k-means: k-means++ seeding, then ``iters`` Lloyd iterations.
 
-    Popularity weighting is done by the caller drawing ``x`` as a weighted sample (rows may
-    repeat), which makes this plain k-means a weighted one.
+    With ``weights``, point i counts ``weights[i]`` times: k-means++ draws in proportion to
+    weight x squared distance, and each centroid is the weighted mean of its points. The same
+    as plain k-means on a sample where point i repeats ``weights[i]`` times, without the copies.
 
     Args:
         x (Tensor): [n, M * d] float32 sample rows.
@@ -81,10 +83,11 @@ def kmeans(
         num_subspaces (int): M.
         iters (int): Lloyd iterations (0: k-means++ seeding only).
         generator (torch.Generator): source of all random draws.
+        weights (Optional[Tensor]): [n] point weights >= 0, not all 0; default all 1.
 
     Returns:
-        (codebooks [M, K, d], distortion [M]): centroids and the mean squared distance of each
-        subspace's sample sub-vectors to their nearest centroid.
+        (codebooks [M, K, d], distortion [M]): centroids and the (weighted) mean squared
+        distance of each subspace's sample sub-vectors to their nearest centroid.
 
     Example::
 
@@ -97,38 +100,41 @@ def kmeans(
     n, dim = x.shape
     sub_dim = dim // num_subspaces
     subs = x.view(n, num_subspaces, sub_dim)
+    w = torch.ones(n) if weights is None else weights.float()
+    if w.shape != (n,) or not bool((w >= 0).all()) or not float(w.sum()) > 0:
+        raise ValueError(f"kmeans: weights must be [{n}], >= 0 and not all 0")
     codebooks = torch.stack(
-        [_kmeans_pp(subs[:, m], codebook_size, generator) for m in range(num_subspaces)]
+        [_kmeans_pp(subs[:, m], w, codebook_size, generator) for m in range(num_subspaces)]
     )
     for _ in range(iters):
         codes = nearest_codewords(x, codebooks)
         for m in range(num_subspaces):
-            sums = torch.zeros(codebook_size, sub_dim).index_add_(0, codes[:, m], subs[:, m])
-            counts = torch.bincount(codes[:, m], minlength=codebook_size)
-            used = counts > 0
-            codebooks[m, used] = sums[used] / counts[used].unsqueeze(1).float()
+            sums = torch.zeros(codebook_size, sub_dim).index_add_(
+                0, codes[:, m], subs[:, m] * w.unsqueeze(1))
+            mass = torch.zeros(codebook_size).index_add_(0, codes[:, m], w)
+            used = mass > 0
+            codebooks[m, used] = sums[used] / mass[used].unsqueeze(1)
             empty = (~used).nonzero().squeeze(1)
             if empty.numel():
-                pick = torch.randint(n, (empty.numel(),), generator=generator)
+                pick = weighted_sample(w, empty.numel(), generator)
                 codebooks[m, empty] = subs[pick, m]
     codes = nearest_codewords(x, codebooks)
     recon = codebooks[torch.arange(num_subspaces), codes]  # [n, M, d]
-    distortion = (subs - recon).pow(2).sum(-1).mean(0)
+    distortion = (w.unsqueeze(1) * (subs - recon).pow(2).sum(-1)).sum(0) / w.sum()
     return codebooks, distortion
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding of ``k`` centroids among the rows of ``x`` [n, d]."""
-    n = x.shape[0]
+def _kmeans_pp(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator
+               ) -> torch.Tensor:
+    """Weighted k-means++ seeding of ``k`` centroids among the rows of ``x`` [n, d]."""
     centers = torch.empty(k, x.shape[1])
-    first = int(torch.randint(n, (1,), generator=generator))
+    first = int(weighted_sample(w, 1, generator))
     centers[0] = x[first]
     d2 = (x - centers[0]).pow(2).sum(1)
     for j in range(1, k):
-        if float(d2.max()) > 0:
-            idx = int(weighted_sample(d2, 1, generator))
-        else:  # every point already is a centroid: any point will do
-            idx = int(torch.randint(n, (1,), generator=generator))
+        p = d2 * w
+        # every weighted point already is a centroid: any weighted point will do
+        idx = int(weighted_sample(p if float(p.max()) > 0 else w, 1, generator))
         centers[j] = x[idx]
         d2 = torch.minimum(d2, (x - centers[j]).pow(2).sum(1))
     return centers

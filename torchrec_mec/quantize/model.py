@@ -4,7 +4,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
-from torchrec_mec.quantize.kmeans import kmeans, nearest_codewords, search_chunk_rows
+from torchrec_mec.quantize.kmeans import (
+    kmeans,
+    nearest_codewords,
+    search_chunk_rows,
+    weighted_sample,
+)
 
 
 class QuantizerOutput(NamedTuple):
@@ -91,27 +96,31 @@ class MECQuantizer(nn.Module):
         kmeans_iters: int,
         generator: torch.Generator,
         use_kmeans: bool = True,
+        weights: Optional[torch.Tensor] = None,
     ) -> None:
         """Sets the standardisation from ``sample`` [n, D] (rows of the table, in embedding
-        space, drawn by popularity) and initialises the codebooks on it: by k-means++ and
-        ``kmeans_iters`` Lloyd iterations, or (``use_kmeans=False``) by random sample rows."""
+        space, with optional weights [n]) and initialises the codebooks on it: by weighted
+        k-means++ and ``kmeans_iters`` Lloyd iterations, or (``use_kmeans=False``) by sample rows
+        drawn by weight."""
         sample = sample.float()
-        self.mean.copy_(sample.mean(0))
-        rms = (sample - self.mean).pow(2).mean().sqrt()
+        w = torch.ones(sample.shape[0]) if weights is None else weights.float()
+        p = (w / w.sum()).unsqueeze(1)
+        self.mean.copy_((p * sample).sum(0))
+        rms = (p * (sample - self.mean).pow(2)).sum(0).mean().sqrt()
         self.scale.copy_(torch.where(rms > 0, rms, torch.ones(())))
         x = self.standardize(sample)
         if use_kmeans:
             codebooks, distortion = kmeans(
-                x, self.codebook_size, self.num_subspaces, kmeans_iters, generator
+                x, self.codebook_size, self.num_subspaces, kmeans_iters, generator, w
             )
         else:
-            pick = torch.randint(x.shape[0], (self.num_subspaces, self.codebook_size),
-                                 generator=generator)
+            pick = weighted_sample(w, self.num_subspaces * self.codebook_size, generator)
             subs = x.view(-1, self.num_subspaces, self.sub_dim)
+            pick = pick.view(self.num_subspaces, self.codebook_size)
             codebooks = torch.stack([subs[pick[m], m] for m in range(self.num_subspaces)])
             codes = nearest_codewords(x, codebooks)
             recon = codebooks[torch.arange(self.num_subspaces), codes]
-            distortion = (subs - recon).pow(2).sum(-1).mean(0)
+            distortion = ((subs - recon).pow(2).sum(-1) * p).sum(0)
         self.codebooks.copy_(codebooks)
         # A noise-free sample can have zero distortion; keep the temperature unit positive.
         floor = 1e-4 * self.sub_dim

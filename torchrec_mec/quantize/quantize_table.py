@@ -46,7 +46,10 @@ class QuantizeStats:
         num_subspaces (int): M.
         codebook_size (int): K.
         mse (float): mean over all rows of ``||e_i - q_i||^2 / D``.
-        weighted_mse (float): the same, popularity-weighted (the training objective).
+        weighted_mse (float): the same, weighted by ``config.weighting`` (the training
+            objective).
+        traffic_mse (float): the same, weighted by the id counts: the error per lookup, what
+            the model sees on traffic like the training data's (rows never seen weigh 0).
         mse_popular (float): over the top 1% of ids by count.
         mse_rare (float): over the bottom 50% of ids by count.
         relative_mse (float): ``mse`` divided by the table's per-element variance (1.0 is no
@@ -56,7 +59,7 @@ class QuantizeStats:
         dead_codewords (List[int]): per codebook, codewords no row uses.
         epochs_run (int): training epochs done (the rest were cut by early stopping).
         best_epoch (int): the epoch whose state was kept (0: the k-means initialisation).
-        heldout_loss (List[float]): held-out loss after initialisation and after each epoch.
+        eval_loss (List[float]): early-stopping loss after initialisation and after each epoch.
         resumed_from_epoch (int): epoch of the checkpoint this run resumed from (0: none).
         seconds (float): wall time of training and encoding, summed over resumed runs.
 
@@ -77,6 +80,7 @@ class QuantizeStats:
     codebook_size: int
     mse: float
     weighted_mse: float
+    traffic_mse: float
     mse_popular: float
     mse_rare: float
     relative_mse: float
@@ -84,7 +88,7 @@ class QuantizeStats:
     dead_codewords: List[int]
     epochs_run: int
     best_epoch: int
-    heldout_loss: List[float]
+    eval_loss: List[float]
     resumed_from_epoch: int
     seconds: float
 
@@ -119,7 +123,7 @@ class QuantizeResult(NamedTuple):
 
 
 def popularity_weights(counts: torch.Tensor) -> torch.Tensor:
-    """MEC's row weights: ``max(1, floor(log2 count))``, float32 [N].
+    """MEC's published row weights: ``max(1, floor(log2 count))``, float32 [N].
 
     Example::
 
@@ -127,6 +131,26 @@ def popularity_weights(counts: torch.Tensor) -> torch.Tensor:
         [1.0, 1.0, 1.0, 1.0, 2.0, 9.0]
     """
     return torch.log2(counts.double().clamp_min(1)).floor().clamp_min(1).float()
+
+
+def row_weights(counts: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Stage 2's weight of every row, float32 [N], for a ``MECConfig.weighting``:
+    ``"traffic"`` the count itself (rows never seen in training weigh 0), ``"published"``
+    :func:`popularity_weights`, ``"uniform"`` 1.
+
+    Example::
+
+        >>> counts = torch.tensor([0, 1, 4, 1000])
+        >>> row_weights(counts, "traffic").tolist(), row_weights(counts, "published").tolist()
+        ([0.0, 1.0, 4.0, 1000.0], [1.0, 1.0, 2.0, 9.0])
+    """
+    if weighting == "traffic":
+        return counts.float()
+    if weighting == "published":
+        return popularity_weights(counts)
+    if weighting == "uniform":
+        return torch.ones(counts.shape[0])
+    raise ValueError(f"unknown weighting {weighting!r}")
 
 
 def quantize_table(
@@ -140,11 +164,13 @@ def quantize_table(
 ) -> QuantizeResult:
     """Product-quantizes one trained embedding table with MEC.
 
-    Steps: a popularity-weighted sample initialises the codebooks (k-means++ and Lloyd); each
-    epoch trains the encoder (straight-through estimator, commitment term) and the codebooks
-    on ``samples_per_epoch`` rows drawn by popularity, with the code-usage regularizer and the
-    contrastive term; dead codewords are re-seeded; the held-out loss decides early stopping
-    and which epoch's state is kept; finally every row is encoded chunk by chunk.
+    Steps: weighted k-means (k-means++ and Lloyd) on the rows, weighted by
+    ``config.weighting``, initialises the codebooks; each epoch trains the encoder
+    (straight-through estimator, commitment term) and the codebooks on ``samples_per_epoch``
+    rows drawn by weight, with the code-usage regularizer and the contrastive term; dead
+    codewords are re-seeded; the loss on a fixed weighted draw of rows decides early stopping
+    and which epoch's state is kept; finally every row is encoded chunk by chunk. With
+    ``epochs=0`` the k-means initialisation is the result.
 
     Args:
         weight (Tensor): [N, D] float table (the pretrained embeddings).
@@ -177,11 +203,12 @@ def quantize_table(
     n, dim = weight.shape
     weight = weight.detach()
     generator = torch.Generator().manual_seed(config.seed)
-    pop = popularity_weights(counts) if config.popularity_weighting else torch.ones(n)
-    num_holdout = min(config.holdout_rows, n // 10) if config.early_stopping_patience else 0
-    holdout = torch.randperm(n, generator=generator)[:num_holdout].sort().values
-    train_weights = pop.clone()
-    train_weights[holdout] = 0
+    pop = row_weights(counts, config.weighting)
+    if not float(pop.sum()) > 0:
+        logger.warning("table %r: no row was seen in training; weighing every row 1", name)
+        pop = torch.ones(n)
+    evaluating = config.epochs > 0 and config.early_stopping_patience > 0 and config.eval_rows > 0
+    eval_rows, eval_weights = _eval_sample(pop, config.eval_rows if evaluating else 0, generator)
     model = MECQuantizer(
         dim, config.num_subspaces, config.codebook_size, config.encoder, generator=generator
     )
@@ -191,14 +218,14 @@ def quantize_table(
     state = _load_checkpoint(checkpoint_uri, fingerprint, model, optimizer, generator, name)
     resumed_from = state.epoch if state is not None else 0
     if state is None:
-        # Weighted draws with replacement: beyond a few times N they only repeat rows.
-        sample_size = min(config.kmeans_points_per_centroid * config.codebook_size, 4 * n)
-        sample = weight[weighted_sample(train_weights, sample_size, generator)]
-        model.init_from_sample(sample, config.kmeans_iters, generator, config.kmeans_init)
-        del sample
-        state = _TrainState(best_state=_copy_state(model))
-        if num_holdout:
-            state.history.append(_heldout_loss(model, weight, holdout, pop[holdout], config))
+        rows, row_w = _kmeans_sample(
+            pop, config.kmeans_points_per_centroid * config.codebook_size, generator)
+        model.init_from_sample(weight[rows], config.kmeans_iters, generator, config.kmeans_init,
+                               weights=row_w)
+        del rows, row_w
+        state = _TrainState(best_state=_copy_state(model), done=config.epochs == 0)
+        if eval_rows.numel():
+            state.history.append(_eval_loss(model, weight, eval_rows, eval_weights, config))
             state.best_loss = state.history[0]
     else:
         logger.info("table %r: resuming from the checkpoint of epoch %d", name, state.epoch)
@@ -207,21 +234,21 @@ def quantize_table(
                disable=not progress, leave=False)
     while not state.done:
         state.epoch += 1
-        train_loss = _train_epoch(model, optimizer, weight, train_weights, config, generator)
-        if num_holdout:
-            loss = _heldout_loss(model, weight, holdout, pop[holdout], config)
+        train_loss = _train_epoch(model, optimizer, weight, pop, config, generator)
+        if eval_rows.numel():
+            loss = _eval_loss(model, weight, eval_rows, eval_weights, config)
             state.history.append(loss)
             if loss < state.best_loss * (1 - _MIN_IMPROVEMENT):
                 state.best_loss, state.best_epoch, state.bad_epochs = loss, state.epoch, 0
                 state.best_state = _copy_state(model)
             else:
                 state.bad_epochs += 1
-            bar.set_postfix(train=f"{train_loss:.4f}", heldout=f"{loss:.4f}")
+            bar.set_postfix(train=f"{train_loss:.4f}", eval=f"{loss:.4f}")
         else:
             state.best_epoch, state.best_state = state.epoch, _copy_state(model)
             bar.set_postfix(train=f"{train_loss:.4f}")
         state.done = state.epoch >= config.epochs or (
-            num_holdout > 0 and state.bad_epochs >= config.early_stopping_patience
+            eval_rows.numel() > 0 and state.bad_epochs >= config.early_stopping_patience
         )
         state.seconds += time.perf_counter() - started
         started = time.perf_counter()
@@ -288,6 +315,32 @@ def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, nam
             fail("weight has NaN or infinite values")
 
 
+def _kmeans_sample(
+    weights: torch.Tensor, size: int, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows and weights for the weighted k-means: every row of positive weight, with its
+    weight, if there are at most ``size`` of them; otherwise ``size`` draws by weight (with
+    replacement), each distinct row weighted by how often it was drawn."""
+    rows = weights.nonzero().squeeze(1)
+    if rows.numel() <= size:
+        return rows, weights[rows]
+    drawn, times = torch.unique(weighted_sample(weights, size, generator), return_counts=True)
+    return drawn, times.float()
+
+
+def _eval_sample(
+    weights: torch.Tensor, size: int, generator: torch.Generator
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The early-stopping rows: ``size`` draws by weight (with replacement), each distinct row
+    weighted by how often it was drawn, so their weighted loss estimates the table's weighted
+    objective. Drawn from all rows, training rows included: the quantizer is fitted to this
+    fixed set of rows, there are no unseen rows to generalise to."""
+    if size == 0:
+        return torch.empty(0, dtype=torch.long), torch.empty(0)
+    drawn, times = torch.unique(weighted_sample(weights, size, generator), return_counts=True)
+    return drawn, times.float()
+
+
 def _mec_loss(
     model: MECQuantizer,
     x: torch.Tensor,
@@ -297,7 +350,7 @@ def _mec_loss(
 ) -> Tuple[torch.Tensor, QuantizerOutput]:
     """Loss of a batch of standardised rows without the usage term, and the quantizer's output.
     The usage term is a function of a set of rows (part of the training batch, the whole
-    held-out set), so the callers add it."""
+    evaluation set), so the callers add it."""
     out = model(x)
     # Straight-through: value q; gradient to z (encoder) and to q (codebooks), which live in
     # x's space, so the reconstruction term trains them directly (no separate codebook term).
@@ -323,7 +376,7 @@ def _train_epoch(
     config: MECConfig,
     generator: torch.Generator,
 ) -> float:
-    """One epoch over ``samples_per_epoch`` rows drawn by popularity; returns the mean loss."""
+    """One epoch over ``samples_per_epoch`` rows drawn by weight; returns the mean loss."""
     m, k = config.num_subspaces, config.codebook_size
     rows = weighted_sample(train_weights, config.samples_per_epoch, generator)
     usage = torch.zeros(m * k, dtype=torch.long)
@@ -381,21 +434,21 @@ def _reseed_dead(
 
 
 @torch.no_grad()
-def _heldout_loss(
+def _eval_loss(
     model: MECQuantizer,
     weight: torch.Tensor,
-    holdout: torch.Tensor,
+    rows: torch.Tensor,
     weights: torch.Tensor,
     config: MECConfig,
 ) -> float:
-    """The training objective on the held-out rows, popularity-weighted, with one fixed draw of
-    negatives; the usage term is the KL of the whole held-out set's mean soft assignment."""
+    """The training objective on the evaluation rows, weighted, with one fixed draw of
+    negatives; the usage term is the KL of the whole evaluation set's mean soft assignment."""
     generator = torch.Generator().manual_seed(config.seed + _EVAL_SEED_OFFSET)
     weighted_loss = 0.0
     usage = torch.zeros(config.num_subspaces, config.codebook_size)
-    for start in range(0, holdout.numel(), config.batch_size):
+    for start in range(0, rows.numel(), config.batch_size):
         w = weights[start : start + config.batch_size]
-        x = model.standardize(weight[holdout[start : start + config.batch_size]])
+        x = model.standardize(weight[rows[start : start + config.batch_size]])
         loss, out = _mec_loss(model, x, config, generator, w)
         if config.reg_weight:
             logits = model.assignment_logits(out.z, _temperature(model, config))
@@ -456,6 +509,8 @@ def _statistics(
         codebook_size=config.codebook_size,
         mse=mse,
         weighted_mse=float((row_error.double() * pop).sum() / pop.double().sum()),
+        traffic_mse=(float((row_error.double() * counts.double()).sum() / counts.double().sum())
+                     if float(counts.double().sum()) > 0 else mse),
         mse_popular=float(row_error[popular].double().mean()),
         mse_rare=float(row_error[rare].double().mean()),
         relative_mse=mse / variance if variance > 0 else 0.0,
@@ -463,7 +518,7 @@ def _statistics(
         dead_codewords=dead,
         epochs_run=state.epoch,
         best_epoch=state.best_epoch,
-        heldout_loss=list(state.history),
+        eval_loss=list(state.history),
         resumed_from_epoch=resumed_from,
         seconds=0.0,
     )
