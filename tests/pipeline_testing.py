@@ -45,3 +45,21 @@ def repo_env() -> Dict[str, str]:
     """The environment for a subprocess that imports this checkout."""
     root = str(Path(__file__).resolve().parents[1])
     return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def write_criteo(path: Path, num_rows: int, *, positives: float = 0.25, c1_values: int = 400,
+                 seed: int = 0) -> str:
+    """A Criteo-format TSV of ``num_rows`` rows: C1 takes ``c1_values`` values (a table of about
+    that many rows), the other 25 features three values each; a ``positives`` share of labels is
+    1 (0.0: a single class)."""
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(num_rows):
+        label = int(rng.random() < positives)
+        ints = [str(rng.randint(0, 9)) for _ in range(13)]
+        cats = [f"{rng.randrange(c1_values):08x}"] + [f"{rng.randrange(3):08x}" for _ in range(25)]
+        lines.append("\t".join([str(label), *ints, *cats]) + "\n")
+    path.write_text("".join(lines))
+    return str(path)

@@ -51,9 +51,11 @@ def test_bad_settings_exit_2_naming_the_key(tmp_path, capsys):
     assert "pretrain.epochs" in capsys.readouterr().err
 
 
-def test_missing_inputs_exit_1_naming_the_file(tmp_path, capsys):
+def test_missing_inputs_exit_1_naming_the_stage_and_the_way_out(tmp_path, capsys):
     assert main(["compress", "--out", str(tmp_path)]) == 1
-    assert os.path.join(str(tmp_path), "pretrain", "tables.mec") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "compress needs prepare, which has not finished" in err
+    assert f"`mec prepare --out {tmp_path} --data FILE --format FORMAT`, then `mec pretrain" in err
     assert main(["run", "--format", "criteo", "--out", str(tmp_path)]) == 1
     assert "--data" in capsys.readouterr().err
     assert main(["run", "--format", "synthetic", "--data", "x.tsv", "--out", str(tmp_path)]) == 1
@@ -85,3 +87,27 @@ def test_run_then_report_on_generated_data(tmp_path, capsys):
     assert report["memory"]["ratio"] > 1
     assert main(["report", "--out", out]) == 0
     assert "embedding memory" in capsys.readouterr().out
+
+
+def test_settings_are_checked_before_any_stage_runs(tmp_path, capsys):
+    """M not dividing D stops `mec run` before it writes anything; K and min_rows against the
+    table sizes stop it once the data is prepared, before pre-training."""
+    out = tmp_path / "run"
+    argv = ["run", "--format", "synthetic", "--out", str(out), "--preset", "sample",
+            "--no-progress", *tiny_flags()]
+    assert main(argv + ["compress.quantizer.num_subspaces=3"]) == 2
+    assert "must divide model.embedding_dim (D = 8)" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(argv + ["compress.min_rows=5000"]) == 2
+    assert ("compress.min_rows is 5000 but the largest table (C1) has 801 rows: no table would "
+            "be compressed") in capsys.readouterr().err
+    assert (out / "data" / "manifest.json").exists() and not (out / "pretrain").exists()
+
+
+def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "report.json"
+    path.write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--out", str(path)])
+    assert e.value.code == 2
+    assert f"--out {path} is a file" in capsys.readouterr().err

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests.pipeline_testing import repo_env, tiny_flags, tiny_settings
-from torchrec_mec.data import prepare_dataset
-from torchrec_mec.pipeline import load_model, pretrain, stage_dir
+from torchrec_mec.pipeline import DataSource, load_model, run_stages, stage_dir
 
 EXTRA = {"pretrain__epochs": 2, "pretrain__checkpoint_every": 4}
 
@@ -32,11 +31,9 @@ def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 300.0) -> None
 def test_killed_pretrain_resumes_to_the_uninterrupted_state(tmp_path):
     settings = tiny_settings(**EXTRA)
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    s = settings.data
-    prepare_dataset(None, "synthetic", stage_dir(whole, "data"), progress=False,
-                    synthetic=s.synthetic, split=s.split, seed=s.seed)
-    shutil.copytree(stage_dir(whole, "data"), stage_dir(killed, "data"))
-    pretrain(stage_dir(whole, "data"), stage_dir(whole, "pretrain"), settings, progress=False)
+    run_stages(whole, "prepare", settings, source=DataSource("synthetic"), progress=False)
+    shutil.copytree(whole, killed)  # the data set and its lineage record
+    run_stages(whole, "pretrain", settings, progress=False)
 
     cmd = [sys.executable, "-m", "torchrec_mec.cli", "pretrain", "--out", killed, "--preset",
            "sample", "--no-progress", *tiny_flags(), "pretrain.epochs=2",
@@ -49,7 +46,8 @@ def test_killed_pretrain_resumes_to_the_uninterrupted_state(tmp_path):
     assert not os.path.exists(os.path.join(stage_dir(killed, "pretrain"), "model.mec")), \
         "the run finished before it could be killed; nothing was resumed"
 
-    pretrain(stage_dir(killed, "data"), stage_dir(killed, "pretrain"), settings, progress=False)
+    outcome = run_stages(killed, "pretrain", settings, progress=False)  # the lock is free again
+    assert outcome["pretrain"].ran and "no record of it finishing" in outcome["pretrain"].reason
     model_a, meta_a = load_model(stage_dir(whole, "pretrain"))
     model_b, meta_b = load_model(stage_dir(killed, "pretrain"))
     assert len(meta_b["history"]["step_loss"]) == len(meta_a["history"]["step_loss"])

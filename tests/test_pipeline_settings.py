@@ -62,3 +62,48 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_settings(config_file=str(bad))
     with pytest.raises(SettingsError, match="unknown preset"):
         load_settings("huge")
+
+
+def test_m_must_divide_d_when_the_settings_are_read():
+    """Issue 11: found only after pre-training, which takes hours with published settings."""
+    with pytest.raises(SettingsError, match=r"num_subspaces \(M = 3\) must divide "
+                                            r"model.embedding_dim \(D = 40\)"):
+        load_settings(overrides={"compress.quantizer.num_subspaces": 3})
+
+
+def test_split_fractions_are_checked_when_the_settings_are_read():
+    with pytest.raises(SettingsError, match=r"settings data \(from override data.split\): split "
+                                            r"must be 3 fractions .* summing to 1"):
+        load_settings(overrides={"data.split": "[0.5, 0.6, 0.1]"})
+    with pytest.raises(SettingsError, match="bad_rows must be 'report' or 'fail'"):
+        load_settings(overrides={"data.bad_rows": "skip"})
+
+
+def test_wrong_types_in_a_config_file_name_the_file(tmp_path):
+    config = tmp_path / "mec.yaml"
+    config.write_text("pretrain: {epochs: many}\n")
+    with pytest.raises(SettingsError) as e:
+        load_settings(config_file=str(config))
+    assert str(e.value) == (f"config file {config}: setting 'pretrain.epochs' must be a number, "
+                            "got 'many'")
+    config.write_text("pretrain: {epochs: 0}\n")
+    with pytest.raises(SettingsError, match=rf"settings pretrain \(from config file {config}\): "
+                                            "need epochs >= 1"):
+        load_settings(config_file=str(config))
+
+
+def test_duplicate_keys_in_a_config_file_are_errors(tmp_path):
+    """Issue 11: YAML kept the last of two equal keys silently."""
+    config = tmp_path / "mec.yaml"
+    config.write_text("pretrain:\n  epochs: 2\n  batch_size: 64\n  epochs: 3\n")
+    with pytest.raises(SettingsError) as e:
+        load_settings(config_file=str(config))
+    assert str(e.value) == (f"config file {config}: line 4: key 'epochs' is given twice (first "
+                            "at line 2); each setting may appear once")
+    config.write_text("model: {name: dlrm}\nmodel: {embedding_dim: 8}\n")
+    with pytest.raises(SettingsError, match="line 2: key 'model' is given twice"):
+        load_settings(config_file=str(config))
+    as_json = tmp_path / "mec.json"
+    as_json.write_text('{"finetune": {"epochs": 2, "epochs": 3}}')
+    with pytest.raises(SettingsError, match=rf"config file {as_json}: key 'epochs' is given twice"):
+        load_settings(config_file=str(as_json))

@@ -85,6 +85,18 @@ def test_report_has_the_promised_fields(tiny_run):
     assert "2 of 4 tables compressed" in text and f"{mem['ratio']:.1f}x" in text
 
 
+def test_few_test_positives_are_warned_with_their_count(tiny_run):
+    out, report = tiny_run
+    labels = np.load(os.path.join(stage_dir(out, "data"), "test", "labels.npy"))
+    positives, n = int(labels.sum()), len(labels)
+    assert positives < 100  # the premise: the tiny set has few test positives
+    assert report["baseline"]["num_positives"] == positives
+    warning = (f"the test split has only {positives} positives (of {n} rows): its AUC moves by "
+               "several hundredths with the split alone")
+    assert report["warnings"] == [warning]
+    assert f"  warning: {warning}" in summary(report)
+
+
 def test_evaluate_matches_a_direct_evaluation_of_the_saved_models(tiny_run):
     out, _ = tiny_run
     ds = EncodedDataset(stage_dir(out, "data"))
@@ -107,8 +119,8 @@ def test_pretrain_keeps_the_epoch_with_the_lowest_validation_logloss(tiny_run):
     out, _ = tiny_run
     model, meta = load_model(stage_dir(out, "pretrain"))
     epochs = meta["history"]["epochs"]
-    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # the starting state is validated too
-    best = min(epochs, key=lambda e: e["val_logloss"])
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]  # the starting state is validated too...
+    best = min(epochs[1:], key=lambda e: e["val_logloss"])  # ...but, untrained, is never kept
     assert meta["history"]["best_epoch"] == best["epoch"]
     val = evaluate_model(model, EncodedDataset(stage_dir(out, "data")), "val", 512,
                          DistContext(0, 1, torch.device("cpu")), progress=False)
@@ -205,5 +217,7 @@ def test_missing_or_corrupted_inputs_are_named(tiny_run, tmp_path):
     checkpoint.parent.mkdir()
     checkpoint.write_bytes(b"torchrec_mec-artifact v1 kind=mec_train_checkpoint header=5 "
                            b"payload=5 sha256=00\nabc")
-    with pytest.raises(ArtifactError, match=r"ckpt/checkpoint\.mec: truncated"):
+    with pytest.raises(ArtifactError, match=r"ckpt/checkpoint\.mec: truncated, .* It is a "
+                                            r"training checkpoint: delete it to start the stage "
+                                            r"over, or rerun the stage with --force"):
         pretrain(stage_dir(out, "data"), str(checkpoint.parent), settings, progress=False)

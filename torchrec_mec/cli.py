@@ -1,11 +1,12 @@
 """``mec``: the MEC pipeline from the command line. Parses flags and config, calls
-``torchrec_mec.pipeline``, nothing else.
+``torchrec_mec.pipeline``'s runner, nothing else.
 
     mec run --data day_0.tsv --format criteo --out runs/criteo      # everything, then report
     mec run --format synthetic --out runs/syn --preset sample        # generated data
     mec prepare|pretrain|compress|finetune|evaluate|report --out DIR  # one stage
 
-Under ``torchrun`` every stage runs on all ranks (see docs/distributed.md).
+The sub-commands are the stages of ``pipeline.graph.STAGES``. Under ``torchrun`` every stage
+runs on all ranks (see docs/distributed.md).
 """
 import argparse
 import logging
@@ -19,22 +20,24 @@ from torchrec_mec.models import MODEL_NAMES
 from torchrec_mec.pipeline import (
     FORMATS,
     PRESETS,
+    STAGE_NAMES,
+    DataSource,
+    RunLockedError,
     Settings,
     SettingsError,
-    compress,
-    evaluate,
-    finetune,
+    StageError,
+    TrainingDivergedError,
     load_settings,
-    prepare,
-    pretrain,
+    read_report,
     run,
-    stage_dir,
+    run_stages,
     summary,
-    write_report,
 )
+from torchrec_mec.pipeline.graph import stage
 from torchrec_mec.pipeline.settings import DEFAULT_PRESET
 
-STAGE_COMMANDS = ("prepare", "pretrain", "compress", "finetune", "evaluate", "report", "run")
+SOURCE_COMMANDS = ("run", "prepare", "pretrain")
+"""The commands that take ``--data`` / ``--format`` (``pretrain``: to prepare DIR/data first)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,27 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
                "(dotted keys, e.g. --set compress.quantizer.codebook_size=64). See "
                "docs/pipeline.md.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    helps = {
-        "run": "all stages on a data set, then report.json, plots and a summary",
-        "prepare": "encode the raw data set (or generate the synthetic one) into DIR/data",
-        "pretrain": "stage 1: train the model with full tables, count id popularity",
-        "compress": "stage 2: MEC-quantize every table with >= min_rows rows",
-        "finetune": "stage 3: train the model on codes (QuantizedEmbeddingBagCollection)",
-        "evaluate": "stage 4: test AUC, log loss and embedding memory of both models",
-        "report": "write DIR/report.json and DIR/plots from the stages' outputs",
-    }
-    for name in STAGE_COMMANDS:
+    helps = {"run": "all stages on a data set, then report.json, plots and a summary",
+             **{s: stage(s).help for s in STAGE_NAMES}}
+    for name in ("run", *STAGE_NAMES):
         p = sub.add_parser(name, help=helps[name], description=helps[name])
         p.add_argument("--out", required=True, metavar="DIR",
                        help="run directory; each stage writes DIR/<stage>/")
-        if name in ("run", "prepare", "pretrain"):
+        if name in SOURCE_COMMANDS:
             p.add_argument("--data", metavar="PATH",
                            help="raw data file (not for --format synthetic)")
             p.add_argument("--format", choices=FORMATS,
                            required=name in ("run", "prepare"),
                            help="input format" + ("" if name != "pretrain" else
                                                   "; with it, pretrain prepares DIR/data first"))
-        if name != "report":
+        if name == "run" or stage(name).reads is not None:
             p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
                            help=f"base settings (default {DEFAULT_PRESET!r}: MEC's published "
                                 "settings; 'sample': the small demo)")
@@ -79,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--min-rows", type=int, help="compress.min_rows")
             p.add_argument("--num-subspaces", type=int, help="compress.quantizer.num_subspaces (M)")
             p.add_argument("--codebook-size", type=int, help="compress.quantizer.codebook_size (K)")
-            p.add_argument("--force", action="store_true",
-                           help="rerun even if outputs are up to date (drops checkpoints)")
+        p.add_argument("--force", action="store_true",
+                       help="redo " + ("every stage" if name == "run" else "the stage") +
+                            " from scratch even if up to date (drops checkpoints)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -106,10 +103,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``mec``; returns the exit status (2: bad usage or settings, 1: a missing
-    or corrupted input, which the message names)."""
+    """Entry point of ``mec``; returns the exit status (2: bad usage or settings; 1: a missing,
+    stale or corrupted input, a run directory in use, or a diverged training, which the message
+    names)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out} is a file; give the run directory (new or existing)")
     rank = int(os.environ.get("RANK", "0"))
     # TorchRec and FBGEMM log every table at INFO; show theirs from WARNING, ours from INFO.
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s",
@@ -120,36 +120,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SettingsError as e:
         print(f"mec {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (ArtifactError, CorruptDatasetError, DataFormatError, FileNotFoundError,
-            ValueError) as e:
+    except (ArtifactError, CorruptDatasetError, DataFormatError, FileNotFoundError, ValueError,
+            RunLockedError, StageError, TrainingDivergedError) as e:
         print(f"mec {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     out, progress = args.out, not args.no_progress
-    if args.command == "report":
-        print(summary(write_report(out)))
-        return 0
-    settings = settings_from_args(args)
-    common = {"force": args.force, "progress": progress}
-    d = {s: stage_dir(out, s) for s in ("data", "pretrain", "compress", "finetune", "evaluate")}
+    settings = None if args.command == "report" else settings_from_args(args)
+    source = (DataSource(args.format, args.data) if getattr(args, "format", None) is not None
+              else None)
     if args.command == "run":
-        report = run(args.data, args.format, out, settings, **common)
+        assert settings is not None and source is not None
+        report = run(source.path, source.format, out, settings, force=args.force,
+                     progress=progress)
         if report:
             print(summary(report))
-    elif args.command == "prepare":
-        prepare(args.data, args.format, d["data"], settings, **common)
-    elif args.command == "pretrain":
-        if args.format is not None:
-            prepare(args.data, args.format, d["data"], settings, progress=progress)
-        pretrain(d["data"], d["pretrain"], settings, **common)
-    elif args.command == "compress":
-        compress(d["pretrain"], d["compress"], settings, **common)
-    elif args.command == "finetune":
-        finetune(d["data"], d["pretrain"], d["compress"], d["finetune"], settings, **common)
-    elif args.command == "evaluate":
-        evaluate(d["data"], d["pretrain"], d["finetune"], d["evaluate"], settings, **common)
+        return 0
+    run_stages(out, args.command, settings, source=source,
+               redo=("prepare",) if source is not None else (),
+               force=(args.command,) if args.force else (), progress=progress)
+    if args.command == "report" and int(os.environ.get("RANK", "0")) == 0:
+        print(summary(read_report(out)))
     return 0
 
 

@@ -1,23 +1,30 @@
-"""The MEC pipeline as functions over explicit inputs and outputs (paths in, paths out).
+"""The MEC pipeline: stages as functions over explicit inputs and outputs, one declared graph of
+them (``graph.STAGES``) and one runner (``run_stages``) that brings a run directory up to date
+under a lock, with lineage and verified outputs.
 
-``run`` chains them; the ``mec`` command, the TorchX components in ``launchers/``, the tests and
-notebooks all call these same functions::
+``run`` runs every stage; the ``mec`` command, the TorchX component in ``launchers/`` and the
+tests go through the same runner, and notebooks can call the stage functions directly::
 
     from torchrec_mec.pipeline import load_settings, run
     report = run("train.txt", "criteo", "runs/criteo", load_settings("published"))
 
-Stages and their folders under a run directory ``DIR`` (see ``outputs.py``): ``prepare`` ->
+Stages and what they write under a run directory ``DIR`` (see ``graph.py``): ``prepare`` ->
 ``DIR/data``, ``pretrain`` -> ``DIR/pretrain``, ``compress`` -> ``DIR/compress``, ``finetune``
--> ``DIR/finetune``, ``evaluate`` -> ``DIR/evaluate``, then ``write_report`` ->
-``DIR/report.json`` and ``DIR/plots/``.
+-> ``DIR/finetune``, ``evaluate`` -> ``DIR/evaluate``, ``report`` -> ``DIR/report.json`` and
+``DIR/plots/``; each one's lineage in ``DIR/lineage/<stage>.json``.
 """
 from torchrec_mec.pipeline.compress import compress, load_compressed
 from torchrec_mec.pipeline.evaluate import Metrics, evaluate, evaluate_model, read_metrics
 from torchrec_mec.pipeline.finetune import compressed_model, finetune
+from torchrec_mec.pipeline.graph import STAGE_NAMES, STAGES, Stage, StageCall
+from torchrec_mec.pipeline.lock import RunLock, RunLockedError
 from torchrec_mec.pipeline.outputs import load_model, stage_dir
+from torchrec_mec.pipeline.prepare import FORMATS, DataSource, prepare
 from torchrec_mec.pipeline.pretrain import pretrain
-from torchrec_mec.pipeline.report import build_report, summary, write_report
-from torchrec_mec.pipeline.run import FORMATS, prepare, run
+from torchrec_mec.pipeline.report import build_report, read_report, summary, write_report
+from torchrec_mec.pipeline.run import run
+from torchrec_mec.pipeline.runner import StageError, StageOutcome, run_stages
+from torchrec_mec.pipeline.training import TrainingDivergedError
 from torchrec_mec.pipeline.settings import (
     PRESETS,
     CompressSettings,
@@ -32,13 +39,23 @@ from torchrec_mec.pipeline.settings import (
 __all__ = [
     "FORMATS",
     "PRESETS",
+    "STAGES",
+    "STAGE_NAMES",
     "CompressSettings",
     "DataSettings",
+    "DataSource",
     "EvaluateSettings",
     "Metrics",
+    "RunLock",
+    "RunLockedError",
     "Settings",
     "SettingsError",
+    "Stage",
+    "StageCall",
+    "StageError",
+    "StageOutcome",
     "TrainSettings",
+    "TrainingDivergedError",
     "build_report",
     "compress",
     "compressed_model",
@@ -51,7 +68,9 @@ __all__ = [
     "prepare",
     "pretrain",
     "read_metrics",
+    "read_report",
     "run",
+    "run_stages",
     "stage_dir",
     "summary",
     "write_report",

@@ -7,14 +7,7 @@ from typing import Any, Dict, NamedTuple
 import torch
 
 from torchrec_mec.artifacts import load_artifact, save_artifact
-from torchrec_mec.pipeline.outputs import (
-    COUNTS_FILE,
-    COUNTS_KIND,
-    TABLES_FILE,
-    TABLES_KIND,
-    finished,
-    fingerprint,
-)
+from torchrec_mec.pipeline.outputs import COUNTS_FILE, COUNTS_KIND, TABLES_FILE, TABLES_KIND
 from torchrec_mec.pipeline.parallel import barrier, init_distributed
 from torchrec_mec.pipeline.settings import Settings
 from torchrec_mec.quantize import quantize_tables
@@ -65,7 +58,7 @@ def compress(
         pretrain_dir (str): stage 1's folder (``tables.mec``, ``counts.mec``).
         out_dir (str): where the outputs go (``DIR/compress`` in a run).
         settings (Settings): uses ``compress``.
-        force (bool): quantize again even if up to date.
+        force (bool): quantize every table again, dropping finished tables and checkpoints.
         progress (bool): show progress bars.
 
     Returns:
@@ -79,10 +72,6 @@ def compress(
     out_uri = os.path.join(out_dir, COMPRESSED_FILE)
     tables_uri = os.path.join(pretrain_dir, TABLES_FILE)
     counts_uri = os.path.join(pretrain_dir, COUNTS_FILE)
-    want = fingerprint(settings.compress, tables_uri, counts_uri)
-    if not force and finished(out_uri, want):
-        logger.info("compress: %s is up to date; skipping (--force reruns)", out_uri)
-        return out_uri
     tensors, _ = load_artifact(tables_uri, expect_kind=TABLES_KIND)
     counts, _ = load_artifact(counts_uri, expect_kind=COUNTS_KIND)
     weights = {k[len("embedding_bags."):-len(".weight")]: v for k, v in tensors.items()
@@ -99,7 +88,7 @@ def compress(
         for t, r in compressed.items():
             out_tensors[f"{t}.codes"] = r.codes
             out_tensors[f"{t}.codebooks"] = r.codebooks
-        meta = {"fingerprint": want, "settings": asdict(settings.compress),
+        meta = {"settings": asdict(settings.compress),
                 "tables": {t: r.stats.to_dict() for t, r in compressed.items()},
                 "full_tables": sorted(set(weights) - set(compressed))}
         save_artifact(out_uri, out_tensors, meta, COMPRESSED_KIND)

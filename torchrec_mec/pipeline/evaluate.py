@@ -5,32 +5,23 @@ Metrics are torchmetrics' (``BinaryAUROC``, exact; ``MeanMetric`` of PyTorch's p
 binary cross-entropy), which synchronise over the process group, so each rank scores its slice
 of the test split and every rank gets the metric of the whole split.
 """
-import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import BinaryAUROC
 from tqdm import tqdm
 
 from torchrec_mec.artifacts import load_artifact, save_artifact
 from torchrec_mec.data import CTRDataset, EncodedDataset
 from torchrec_mec.models import CTRModel
-from torchrec_mec.pipeline.outputs import (
-    METRICS_FILE,
-    METRICS_KIND,
-    MODEL_FILE,
-    finished,
-    fingerprint,
-    load_model,
-)
+from torchrec_mec.pipeline.outputs import METRICS_FILE, METRICS_KIND, load_model
 from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
 from torchrec_mec.pipeline.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,19 +29,22 @@ class Metrics:
     """Binary classification metrics of a model on one split.
 
     Args:
-        auc (float): area under the ROC curve.
+        auc (Optional[float]): area under the ROC curve; ``None`` where it is undefined (the
+            split holds one class only).
         logloss (float): mean binary cross-entropy (natural log).
         num_samples (int): rows scored (all ranks together).
+        num_positives (int): rows labelled 1 among them.
 
     Example::
 
-        >>> Metrics(auc=0.75, logloss=0.45, num_samples=1000).auc
+        >>> Metrics(auc=0.75, logloss=0.45, num_samples=1000, num_positives=250).auc
         0.75
     """
 
-    auc: float
+    auc: Optional[float]
     logloss: float
     num_samples: int
+    num_positives: int
 
 
 @torch.no_grad()
@@ -67,7 +61,11 @@ def evaluate_model(
     """Scores ``model`` (plain or ``DistributedModelParallel``) on ``split``.
 
     Every rank must call this (the metrics synchronise); each reads its slice of every global
-    batch of ``batch_size`` rows.
+    batch of ``batch_size`` rows. The AUC is ``None`` when the split holds a single class (no
+    ranking to measure); torchmetrics would say 0.0.
+
+    Raises:
+        ValueError: the split is empty (names it).
 
     Example::
 
@@ -83,10 +81,15 @@ def evaluate_model(
         >>> m.num_samples, 0.0 <= m.auc <= 1.0
         (50, True)
     """
+    num_samples = dataset.num_rows(split)
+    if num_samples == 0:
+        raise ValueError(f"the {split} split of {getattr(dataset, 'path', 'the data set')} is "
+                         "empty: nothing to score")
     was_training = model.training
     model.eval()
     auc = BinaryAUROC().to(ctx.device)
     logloss = MeanMetric().to(ctx.device)
+    positives = SumMetric().to(ctx.device)
     local = max(1, batch_size // ctx.world_size)
     batches = dataset.batches(split, local, rank=ctx.rank, world_size=ctx.world_size)
     total = dataset.num_batches(split, local, world_size=ctx.world_size)
@@ -97,9 +100,15 @@ def evaluate_model(
         auc.update(torch.sigmoid(logits), batch.labels.long())
         logloss.update(nn.functional.binary_cross_entropy_with_logits(
             logits, batch.labels, reduction="none"))
+        positives.update(batch.labels.sum())
     model.train(was_training)
-    return Metrics(auc=float(auc.compute()), logloss=float(logloss.compute()),
-                   num_samples=dataset.num_rows(split))
+    num_positives = int(round(float(positives.compute())))
+    one_class = num_positives in (0, num_samples)
+    with warnings.catch_warnings():  # torchmetrics warns, then returns 0.0, for one class
+        warnings.simplefilter("ignore", UserWarning)
+        area = float(auc.compute())
+    return Metrics(auc=None if one_class else area, logloss=float(logloss.compute()),
+                   num_samples=num_samples, num_positives=num_positives)
 
 
 def embedding_memory(model: CTRModel) -> Dict[str, Any]:
@@ -139,7 +148,6 @@ def evaluate(
     out_dir: str,
     settings: Settings,
     *,
-    force: bool = False,
     progress: bool = True,
 ) -> str:
     """Stage 4: scores the pre-trained and the fine-tuned MEC model on the test split.
@@ -150,24 +158,18 @@ def evaluate(
         mec_dir (str): stage 3's folder.
         out_dir (str): where ``metrics.mec`` goes.
         settings (Settings): uses ``settings.evaluate``.
-        force (bool): rerun even if an up-to-date result exists.
         progress (bool): show progress bars.
 
     Returns:
         str: the URI of ``metrics.mec``, whose metadata holds ``baseline`` and ``mec`` (each
-        ``auc``, ``logloss``, ``num_samples``) and ``memory`` (``baseline_bytes``,
-        ``mec_bytes``, ``ratio``, ``tables``).
+        ``auc``, ``None`` if undefined; ``logloss``, ``num_samples``, ``num_positives``) and
+        ``memory`` (``baseline_bytes``, ``mec_bytes``, ``ratio``, ``tables``).
 
     Raises:
         ArtifactError: an input artifact is missing or corrupted (names the file).
     """
     ctx = init_distributed()
     out_uri = os.path.join(out_dir, METRICS_FILE)
-    want = fingerprint(settings.evaluate, os.path.join(data_dir, "manifest.json"),
-                       os.path.join(baseline_dir, MODEL_FILE), os.path.join(mec_dir, MODEL_FILE))
-    if not force and finished(out_uri, want):
-        logger.info("evaluate: %s is up to date; skipping (--force reruns)", out_uri)
-        return out_uri
     dataset = EncodedDataset(data_dir)
     results: Dict[str, Any] = {}
     memory: Dict[str, Any] = {}
@@ -179,7 +181,6 @@ def evaluate(
         results[name] = asdict(metrics)
         memory[name] = embedding_memory(model)
     meta = {
-        "fingerprint": want,
         "settings": asdict(settings.evaluate),
         **results,
         "memory": {

@@ -1,5 +1,4 @@
 """Stage 3: the same model with a QuantizedEmbeddingBagCollection, trained on frozen codes."""
-import logging
 import os
 from dataclasses import asdict
 from typing import NamedTuple
@@ -14,7 +13,6 @@ from torchrec_mec.pipeline.outputs import (
     EMBEDDING_PREFIX,
     MODEL_FILE,
     TABLES_FILE,
-    finished,
     fingerprint,
     load_model,
     architecture,
@@ -22,9 +20,7 @@ from torchrec_mec.pipeline.outputs import (
 )
 from torchrec_mec.pipeline.parallel import barrier, init_distributed
 from torchrec_mec.pipeline.settings import Settings
-from torchrec_mec.pipeline.training import remove_checkpoint, train_model
-
-logger = logging.getLogger(__name__)
+from torchrec_mec.pipeline.training import drop_checkpoint, remove_checkpoint, train_model
 
 
 class FinetuneOutput(NamedTuple):
@@ -81,7 +77,7 @@ def finetune(
     parts trained), starting from the pre-trained model and stage 2's codebooks.
 
     Runs in one process or data-parallel under torchrun (``DistributedModelParallel`` with the
-    QEBC sharder); resumes from ``out_dir/checkpoint.mec``; returns at once if up to date.
+    QEBC sharder); resumes from ``out_dir/checkpoint.mec``.
 
     Args:
         data_dir (str): the prepared data set.
@@ -89,7 +85,7 @@ def finetune(
         compress_dir (str): stage 2's folder.
         out_dir (str): where the outputs go (``DIR/finetune`` in a run).
         settings (Settings): uses ``finetune`` and ``evaluate.batch_size``.
-        force (bool): retrain from scratch.
+        force (bool): start from scratch, dropping a checkpoint.
         progress (bool): show progress bars.
 
     Returns:
@@ -107,13 +103,7 @@ def finetune(
                        os.path.join(pretrain_dir, TABLES_FILE),
                        os.path.join(compress_dir, COMPRESSED_FILE))
     if force:
-        barrier(ctx)
-        if ctx.is_main:
-            remove_checkpoint(checkpoint)
-        barrier(ctx)
-    elif finished(out.model_uri, want) and os.path.exists(out.tables_uri):
-        logger.info("finetune: %s is up to date; skipping (--force reruns)", out_dir)
-        return out
+        drop_checkpoint(checkpoint, ctx)
     dataset = EncodedDataset(data_dir)
     model = compressed_model(pretrain_dir, compress_dir)
     torch.manual_seed(settings.finetune.seed)
@@ -124,7 +114,7 @@ def finetune(
     if ctx.is_main:
         assert result.state is not None
         save_model(out_dir, result.state, arch,
-                   {"fingerprint": want, "stage": "finetune", "world_size": ctx.world_size,
+                   {"stage": "finetune", "world_size": ctx.world_size,
                     "history": result.history.to_dict(),
                     "settings": {"finetune": asdict(settings.finetune)}})
         remove_checkpoint(checkpoint)

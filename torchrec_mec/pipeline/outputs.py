@@ -1,4 +1,4 @@
-"""Where each stage's outputs live, how models are saved and read back, and stage fingerprints.
+"""Where each stage's outputs live, how models are saved and read back, and checkpoint keys.
 
 A run directory holds one folder per stage::
 
@@ -11,10 +11,12 @@ A run directory holds one folder per stage::
     DIR/evaluate/        metrics.mec
     DIR/report.json, DIR/plots/*.png
 
+    DIR/lineage/<stage>.json   what each stage read and wrote (``lineage.py``)
+    DIR/mec.lock               the run directory's lock (``lock.py``)
+
 Every ``.mec`` file goes through ``torchrec_mec.artifacts`` (versioned, checksummed, atomic).
-A stage's fingerprint hashes its settings and the checksums of its inputs; a finished stage
-whose recorded fingerprint matches is skipped on rerun, and one whose inputs or settings
-changed runs again.
+Whether a stage is up to date is the runner's business (``runner.py``, from the lineage
+records); :func:`fingerprint` only tells a training checkpoint of the same work from another.
 """
 import hashlib
 import json
@@ -28,7 +30,7 @@ from iopath.common.file_io import g_pathmgr
 from torchrec_mec.artifacts import ArtifactError, load_artifact, read_artifact_header, save_artifact
 from torchrec_mec.models import CTRModel, ModelConfig, build_model
 
-STAGES = ("data", "pretrain", "compress", "finetune", "evaluate")
+STAGE_FOLDERS = ("data", "pretrain", "compress", "finetune", "evaluate")
 MODEL_FILE, TABLES_FILE, COUNTS_FILE, CHECKPOINT_FILE = (
     "model.mec", "tables.mec", "counts.mec", "checkpoint.mec")
 METRICS_FILE = "metrics.mec"
@@ -43,16 +45,18 @@ def stage_dir(run_dir: str, stage: str) -> str:
     >>> stage_dir("runs/demo", "pretrain")
     'runs/demo/pretrain'
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in STAGE_FOLDERS:
+        raise ValueError(f"stage folder must be one of {STAGE_FOLDERS}, got {stage!r}")
     return os.path.join(run_dir, stage)
 
 
 def fingerprint(settings: Any, *inputs: str) -> str:
-    """A digest of ``settings`` (dataclasses or JSON-able) and of the input files' checksums.
+    """A digest of ``settings`` (dataclasses or JSON-able) and of the input files' checksums, the
+    key under which a training stage checkpoints: a checkpoint with another key is not resumed.
 
-    An artifact contributes the sha256 its header records (cheap: one line is read); any other
-    file, e.g. a data set's ``manifest.json``, its own sha256.
+    An artifact contributes the sha256 its header records (cheap: one line is read; the stage
+    verifies the whole file when it loads it); any other file, e.g. a data set's
+    ``manifest.json`` (which holds every array's sha256), its own sha256.
 
     Raises:
         ArtifactError: an input is missing or is not a readable artifact (names the file).
@@ -67,17 +71,6 @@ def fingerprint(settings: Any, *inputs: str) -> str:
             with g_pathmgr.open(uri, "rb") as f:
                 h.update(hashlib.sha256(f.read()).hexdigest().encode())
     return h.hexdigest()
-
-
-def finished(uri: str, want: str) -> bool:
-    """Whether the artifact at ``uri`` exists, is intact and records fingerprint ``want``.
-
-    A corrupted artifact raises ``ArtifactError`` rather than being quietly recomputed.
-    """
-    if not g_pathmgr.exists(uri):
-        return False
-    _, meta = load_artifact(uri)
-    return meta.get("fingerprint") == want
 
 
 def architecture(model: CTRModel) -> Dict[str, Any]:
@@ -119,7 +112,7 @@ def save_model(out_dir: str, model_state: Mapping[str, torch.Tensor], arch: Mapp
         out_dir (str): the stage's folder.
         model_state (Mapping[str, Tensor]): the full state dict (``TrainResult.state``).
         arch (Mapping[str, Any]): the model's :func:`architecture`.
-        meta (Mapping[str, Any]): JSON-able extras (fingerprint, history, settings).
+        meta (Mapping[str, Any]): JSON-able extras (history, settings).
 
     Returns:
         (model_uri, tables_uri).
@@ -147,11 +140,11 @@ def load_model(model_dir: str) -> Tuple[CTRModel, Dict[str, Any]]:
         >>> cfg = ModelConfig(embedding_dim=4, dense_hidden_sizes=(8,), over_hidden_sizes=(8,))
         >>> m = build_model(cfg, 2, ["C1"], {"C1": 10})
         >>> out = tempfile.mkdtemp()
-        >>> _ = save_model(out, m.state_dict(), architecture(m), {"fingerprint": "x"})
+        >>> _ = save_model(out, m.state_dict(), architecture(m), {"stage": "pretrain"})
         >>> m2, meta = load_model(out)
         >>> torch.equal(m2.state_dict()["arch.over_arch.model.1.bias"],
-        ...             m.state_dict()["arch.over_arch.model.1.bias"]), meta["fingerprint"]
-        (True, 'x')
+        ...             m.state_dict()["arch.over_arch.model.1.bias"]), meta["stage"]
+        (True, 'pretrain')
     """
     model_uri = os.path.join(model_dir, MODEL_FILE)
     tables_uri = os.path.join(model_dir, TABLES_FILE)

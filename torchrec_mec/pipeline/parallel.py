@@ -7,15 +7,17 @@ as *full* (unsharded) tensors: ``gather_state`` assembles sharded tables on rank
 outputs are therefore the same files whatever the world size, and a one-process run reads them.
 """
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+T = TypeVar("T")
 EMBEDDING_ADAGRAD_EPS = 1e-8
 """Adagrad's eps for embeddings, the same in FBGEMM's fused kernel and ``torch.optim.Adagrad``."""
 
@@ -67,6 +69,35 @@ def barrier(ctx: DistContext) -> None:
     """Waits for every rank (no-op in one process)."""
     if ctx.distributed:
         dist.barrier()
+
+
+def run_on_main(fn: Callable[[], T], ctx: DistContext) -> T:
+    """Calls ``fn`` on rank 0 and gives every rank its result (a collective: every rank calls).
+
+    An exception on rank 0 is raised on every rank (as a ``RuntimeError`` naming its type where
+    it cannot cross the process boundary), so the ranks never disagree on whether to go on.
+
+    Example::
+
+        >>> run_on_main(lambda: 42, DistContext(rank=0, world_size=1, device=torch.device("cpu")))
+        42
+    """
+    result: Optional[T] = None
+    error: Optional[BaseException] = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001  (handed to every rank, then raised)
+            if not ctx.distributed:
+                raise
+            error = e if _picklable(e) else RuntimeError(f"{type(e).__name__}: {e}")
+    if ctx.distributed:
+        box: List[Any] = [(result, error)]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box[0]
+    if error is not None:
+        raise error
+    return cast(T, result)
 
 
 def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.Module:
@@ -198,6 +229,14 @@ def load_local_state(state: Mapping[str, Any], local: Mapping[str, torch.Tensor]
                              f"expected {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(local[key])
+
+
+def _picklable(error: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return True
+    except Exception:  # noqa: BLE001  (any failure means: send a plain copy)
+        return False
 
 
 def _size(value: Any) -> Tuple[int, ...]:

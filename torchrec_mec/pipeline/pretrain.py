@@ -1,5 +1,4 @@
 """Stage 1: train the CTR model with full tables and count the popularity of every id."""
-import logging
 import os
 from dataclasses import asdict
 from typing import NamedTuple
@@ -16,15 +15,12 @@ from torchrec_mec.pipeline.outputs import (
     MODEL_FILE,
     TABLES_FILE,
     architecture,
-    finished,
     fingerprint,
     save_model,
 )
 from torchrec_mec.pipeline.parallel import barrier, init_distributed
 from torchrec_mec.pipeline.settings import Settings
-from torchrec_mec.pipeline.training import remove_checkpoint, train_model
-
-logger = logging.getLogger(__name__)
+from torchrec_mec.pipeline.training import drop_checkpoint, remove_checkpoint, train_model
 
 
 class PretrainOutput(NamedTuple):
@@ -60,14 +56,14 @@ def pretrain(
 
     Runs in one process, or data-parallel over a torchrun job (``DistributedModelParallel``,
     each rank reading its slice of every global batch). Resumes from ``out_dir/checkpoint.mec``
-    if a run with the same inputs and settings was interrupted; returns at once if its outputs
-    are up to date (unless ``force``).
+    if a run with the same inputs and settings was interrupted. Whether the stage needs to run
+    at all is the runner's decision (``pipeline.runner``): called directly, it always trains.
 
     Args:
         data_dir (str): a folder written by ``torchrec_mec.data.prepare_dataset``.
         out_dir (str): where the outputs go (``DIR/pretrain`` in a run).
         settings (Settings): uses ``model``, ``pretrain`` and ``evaluate.batch_size``.
-        force (bool): retrain from scratch even if outputs or a checkpoint exist.
+        force (bool): start from scratch, dropping a checkpoint.
         progress (bool): show progress bars.
 
     Returns:
@@ -86,15 +82,7 @@ def pretrain(
              "eval_batch_size": settings.evaluate.batch_size}
     want = fingerprint(scope, os.path.join(data_dir, "manifest.json"))
     if force:
-        barrier(ctx)
-        if ctx.is_main:
-            remove_checkpoint(checkpoint)
-        barrier(ctx)
-    elif finished(out.model_uri, want) and os.path.exists(out.tables_uri) \
-            and os.path.exists(out.counts_uri):
-        logger.info("pretrain: %s is up to date; skipping (--force reruns)", out_dir)
-        return out
-
+        drop_checkpoint(checkpoint, ctx)
     schema = dataset.schema
     torch.manual_seed(settings.pretrain.seed)
     model = build_model(settings.model, schema.num_dense, schema.sparse_names,
@@ -102,14 +90,13 @@ def pretrain(
     arch = architecture(model)  # before DMP shards the model in place
     result = train_model(model, dataset, settings.pretrain, ctx=ctx, checkpoint_uri=checkpoint,
                          fingerprint=want, eval_batch_size=settings.evaluate.batch_size,
-                         desc="pretrain", progress=progress)
+                         desc="pretrain", progress=progress, start_competes=False)
     if ctx.is_main:
         assert result.state is not None
         counts = {table_name(f): c for f, c in dataset.id_counts("train").items()}
-        save_artifact(out.counts_uri, counts, {"fingerprint": want, "split": "train"},
-                      COUNTS_KIND)
+        save_artifact(out.counts_uri, counts, {"split": "train"}, COUNTS_KIND)
         save_model(out_dir, result.state, arch,
-                   {"fingerprint": want, "stage": "pretrain", "world_size": ctx.world_size,
+                   {"stage": "pretrain", "world_size": ctx.world_size,
                     "history": result.history.to_dict(),
                     "settings": {"model": asdict(settings.model),
                                  "pretrain": asdict(settings.pretrain)}})

@@ -8,7 +8,8 @@ import json
 import math
 import os
 import platform
-from typing import Any, Dict, Mapping, Optional
+import shutil
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -33,6 +34,9 @@ POPULAR_SHARE = 0.10
 """Code-usage plots: the most frequent 10% of a table's ids (by training count) are "popular"."""
 RARE_SHARE = 0.50
 """... and the least frequent 50% are "rare"."""
+FEW_OF_A_CLASS = 100
+"""A test split with fewer positives (or negatives) than this gets a warning: its AUC moves by
+several hundredths with the split alone."""
 
 
 def versions() -> Dict[str, str]:
@@ -52,7 +56,9 @@ def versions() -> Dict[str, str]:
 def build_report(run_dir: str) -> Dict[str, Any]:
     """The report of the run in ``run_dir`` as a JSON-able dict (no files written).
 
-    Keys: ``baseline`` and ``mec`` (``auc``, ``logloss``, ``num_samples``), ``memory``
+    Keys: ``baseline`` and ``mec`` (``auc``, ``None`` where undefined; ``logloss``,
+    ``num_samples``, ``num_positives``), ``auc_change`` (``None`` if either AUC is), ``warnings``
+    (what makes the figures unreliable, e.g. a test split of one class), ``memory``
     (``baseline_bytes``, ``mec_bytes``, ``ratio``), ``tables`` (per table: ``rows``, ``dim``,
     ``compressed``, ``bytes_before``, ``bytes_after``, ``codes_bytes``, ``codebooks_bytes``,
     ``quantizer`` statistics or ``None``), ``training`` (both histories), ``data``,
@@ -83,7 +89,9 @@ def build_report(run_dir: str) -> Dict[str, Any]:
         "run_dir": os.path.abspath(run_dir),
         "baseline": metrics["baseline"],
         "mec": metrics["mec"],
-        "auc_change": metrics["mec"]["auc"] - metrics["baseline"]["auc"],
+        "auc_change": (None if metrics["mec"]["auc"] is None or metrics["baseline"]["auc"] is None
+                       else metrics["mec"]["auc"] - metrics["baseline"]["auc"]),
+        "warnings": metric_warnings(metrics["baseline"]),
         "memory": {k: metrics["memory"][k] for k in ("baseline_bytes", "mec_bytes", "ratio")},
         "tables": tables,
         "training": {"pretrain": {**pre["history"], "world_size": pre["world_size"]},
@@ -97,11 +105,42 @@ def build_report(run_dir: str) -> Dict[str, Any]:
     }
 
 
+def metric_warnings(test: Mapping[str, Any]) -> List[str]:
+    """Warnings about the test split behind a model's metrics (``num_samples``,
+    ``num_positives``): one class only (AUC undefined), or few of a class (AUC noisy).
+
+    Example::
+
+        >>> metric_warnings({"num_samples": 300, "num_positives": 0})
+        ['test AUC is undefined: the test split holds one class only (0 positives of 300 rows)']
+        >>> metric_warnings({"num_samples": 1000, "num_positives": 40})
+        ['the test split has only 40 positives (of 1000 rows): its AUC moves by several hundredths with the split alone']
+    """
+    n, pos = test["num_samples"], test["num_positives"]
+    if pos in (0, n):
+        return [f"test AUC is undefined: the test split holds one class only ({pos} positives "
+                f"of {n} rows)"]
+    few = min(pos, n - pos)
+    if few < FEW_OF_A_CLASS:
+        kind = "positives" if pos <= n - pos else "negatives"
+        return [f"the test split has only {few} {kind} (of {n} rows): its AUC moves by several "
+                "hundredths with the split alone"]
+    return []
+
+
+def read_report(run_dir: str) -> Dict[str, Any]:
+    """``run_dir/report.json`` as written by :func:`write_report`."""
+    with g_pathmgr.open(os.path.join(run_dir, REPORT_FILE), "r") as f:
+        return json.load(f)
+
+
 def write_report(run_dir: str) -> Dict[str, Any]:
-    """Writes ``run_dir/report.json`` and the PNG plots under ``run_dir/plots``; returns the
-    report (with ``plots``: the PNG paths)."""
+    """Writes ``run_dir/report.json`` and the PNG plots under ``run_dir/plots`` (replacing the
+    folder, so no plot of an earlier report stays); returns the report (with ``plots``: the PNG
+    paths)."""
     report = build_report(run_dir)
     plots = os.path.join(run_dir, PLOTS_DIR)
+    shutil.rmtree(plots, ignore_errors=True)
     g_pathmgr.mkdirs(plots)
     paths = [plot_training_curves(report, os.path.join(plots, "training_curves.png")),
              plot_memory(report, os.path.join(plots, "memory.png"))]
@@ -138,12 +177,16 @@ def summary(report: Mapping[str, Any]) -> str:
     """
     b, m, mem = report["baseline"], report["mec"], report["memory"]
     n_comp = sum(1 for t in report["tables"].values() if t["compressed"])
+    if b["auc"] is None or m["auc"] is None:
+        auc = "undefined (see the warning below)"
+    else:
+        auc = f"{b['auc']:.4f} -> {m['auc']:.4f}  ({m['auc'] - b['auc']:+.4f})"
     lines = [
         f"MEC ({report['settings']['model']['name']}): {n_comp} of {len(report['tables'])} "
         f"tables compressed",
         f"  embedding memory  {_bytes(mem['baseline_bytes'])} -> {_bytes(mem['mec_bytes'])}  "
         f"({mem['ratio']:.1f}x smaller)",
-        f"  test AUC          {b['auc']:.4f} -> {m['auc']:.4f}  ({m['auc'] - b['auc']:+.4f})",
+        f"  test AUC          {auc}",
         f"  test log loss     {b['logloss']:.4f} -> {m['logloss']:.4f}  "
         f"({m['logloss'] - b['logloss']:+.4f})",
     ]
@@ -151,6 +194,7 @@ def summary(report: Mapping[str, Any]) -> str:
     if fine.get("best_epoch") is not None:
         lines.append(f"  fine-tuning       kept epoch {fine['best_epoch']} of "
                      f"{len(fine['epochs']) - 1} (lowest validation log loss; 0 = none)")
+    lines += [f"  warning: {w}" for w in report.get("warnings", [])]
     lines.append(f"  report: {os.path.join(report['run_dir'], REPORT_FILE)}")
     return "\n".join(lines)
 
@@ -171,17 +215,17 @@ def plot_training_curves(report: Mapping[str, Any], path: str) -> str:
             ax_loss.plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
             ax_loss.plot(steps, _smooth(loss), color=color, label=label)
         epochs = hist["epochs"]
-        ax_auc.plot([start + e["step"] for e in epochs], [e["val_auc"] for e in epochs],
+        ax_auc.plot([start + e["step"] for e in epochs], [_number(e["val_auc"]) for e in epochs],
                     marker="o", color=color, label=label)
         kept = [e for e in epochs if e["epoch"] == hist.get("best_epoch")]
         if kept:
-            ax_auc.plot([start + kept[0]["step"]], [kept[0]["val_auc"]], marker="*",
+            ax_auc.plot([start + kept[0]["step"]], [_number(kept[0]["val_auc"])], marker="*",
                         markersize=16, color=color, linestyle="none",
                         label=f"kept: epoch {kept[0]['epoch']} (lowest val log loss)")
-    ax_auc.axhline(report["baseline"]["auc"], color="tab:blue", linestyle="--", linewidth=0.8,
-                   label=f"test AUC baseline {report['baseline']['auc']:.4f}")
-    ax_auc.axhline(report["mec"]["auc"], color="tab:orange", linestyle="--", linewidth=0.8,
-                   label=f"test AUC MEC {report['mec']['auc']:.4f}")
+    for name, label, color in (("baseline", "baseline", "tab:blue"), ("mec", "MEC", "tab:orange")):
+        if report[name]["auc"] is not None:
+            ax_auc.axhline(report[name]["auc"], color=color, linestyle="--", linewidth=0.8,
+                           label=f"test AUC {label} {report[name]['auc']:.4f}")
     ax_loss.set(title="training loss (global batch mean; line: moving average)", xlabel="step",
                 ylabel="binary cross-entropy")
     ax_auc.set(title="validation AUC (epoch 0: starting state)", xlabel="step", ylabel="AUC")
@@ -277,6 +321,11 @@ def plot_code_usage(name: str, codes: torch.Tensor, codebook_size: int, counts: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def _number(value: Optional[float]) -> float:
+    """A metric for plotting: ``None`` (undefined) as NaN, which leaves a gap."""
+    return math.nan if value is None else value
 
 
 def _perplexity(p: np.ndarray) -> float:

@@ -12,17 +12,21 @@ Unknown keys are errors that name the key (and the file), never silently ignored
 """
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import yaml
 from iopath.common.file_io import g_pathmgr
 
-from torchrec_mec.data import DEFAULT_MIN_COUNT, SyntheticConfig
+from torchrec_mec.data import DEFAULT_MIN_COUNT, BadRowReport, SyntheticConfig
+from torchrec_mec.data.schema import check_fractions
 from torchrec_mec.models import ModelConfig
 from torchrec_mec.quantize.config import MECConfig
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "published"
 
@@ -52,6 +56,14 @@ class DataSettings:
     max_rows: Optional[int] = None
     bad_rows: str = "report"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        check_fractions(self.split)
+        BadRowReport(self.bad_rows)  # "report" or "fail"
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or none, got {self.max_rows}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,13 @@ class Settings:
     finetune: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
 
+    def __post_init__(self) -> None:
+        m, d = self.compress.quantizer.num_subspaces, self.model.embedding_dim
+        if d % m:
+            raise ValueError(f"compress.quantizer.num_subspaces (M = {m}) must divide "
+                             f"model.embedding_dim (D = {d}): each of the M codewords of a row "
+                             f"holds D / M values")
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -228,19 +247,104 @@ def load_settings(
     """
     if preset not in PRESETS:
         raise SettingsError(f"unknown preset {preset!r}; presets: {sorted(PRESETS)}")
-    tree = _merge(_defaults(Settings), PRESETS[preset], f"preset {preset!r}")
+    origins: Dict[str, str] = {}
+    tree = _merge(_defaults(Settings), PRESETS[preset], f"preset {preset!r}", origins)
     if config_file is not None:
-        tree = _merge(tree, _read_config(config_file), f"config file {config_file}")
+        tree = _merge(tree, _read_config(config_file), f"config file {config_file}", origins)
     for key, value in (overrides or {}).items():
         if isinstance(value, str):
             value = yaml.safe_load(value)
-        tree = _merge(tree, _nest(key, value), f"override {key}")
-    return _build(Settings, tree, "")
+        tree = _merge(tree, _nest(key, value), f"override {key}", origins)
+    return _build(Settings, tree, "", origins)
 
 
 def settings_from_dict(tree: Mapping[str, Any]) -> Settings:
     """Rebuilds :class:`Settings` from ``Settings.to_dict()`` (as recorded in artifacts)."""
-    return _build(Settings, _merge(_defaults(Settings), tree, "settings"), "")
+    origins: Dict[str, str] = {}
+    return _build(Settings, _merge(_defaults(Settings), tree, "settings", origins), "", origins)
+
+
+class DataFacts(NamedTuple):
+    """What the up-front checks need to know of a prepared data set.
+
+    Args:
+        num_rows (Mapping[str, int]): rows per split (``train``, ``val``, ``test``).
+        num_embeddings (Mapping[str, int]): rows of each sparse feature's table.
+
+    Example::
+
+        >>> DataFacts({"train": 8, "val": 1, "test": 1}, {"C1": 500}).num_embeddings["C1"]
+        500
+    """
+
+    num_rows: Mapping[str, int]
+    num_embeddings: Mapping[str, int]
+
+    def splits(self) -> str:
+        return ", ".join(f"{n} {s}" for s, n in self.num_rows.items())
+
+
+def check_splits(data: DataFacts, needs: Mapping[str, Sequence[str]]) -> None:
+    """Checks that every split a stage cannot do without has rows.
+
+    Args:
+        data (DataFacts): the data set.
+        needs (Mapping[str, Sequence[str]]): stage -> the splits it needs.
+
+    Example::
+
+        >>> check_splits(DataFacts({"train": 1, "val": 0, "test": 0}, {}),
+        ...              {"pretrain": ["train"], "evaluate": ["test"]})
+        Traceback (most recent call last):
+        ...
+        torchrec_mec.pipeline.settings.SettingsError: the test split is empty (1 train, 0 val, 0 test), and evaluate needs it: give more rows, or change data.split
+    """
+    for split in ("train", "val", "test"):
+        stages = [s for s, splits in needs.items() if split in splits]
+        if stages and data.num_rows[split] == 0:
+            raise SettingsError(f"the {split} split is empty ({data.splits()}), and "
+                                f"{', '.join(stages)} need{'s' * (len(stages) == 1)} it: give "
+                                "more rows, or change data.split")
+
+
+def check_training(section: str, train: TrainSettings, data: DataFacts, world_size: int) -> None:
+    """Checks stage 1 or 3 (``section``) before it starts: a global batch that splits over the
+    processes; warns when there is no validation split.
+
+    Example::
+
+        >>> check_training("pretrain", TrainSettings(batch_size=100), DataFacts(
+        ...     {"train": 8, "val": 1, "test": 1}, {}), world_size=3)
+        Traceback (most recent call last):
+        ...
+        torchrec_mec.pipeline.settings.SettingsError: pretrain.batch_size (100) is not divisible by the number of processes (3)
+    """
+    if train.batch_size % world_size:
+        raise SettingsError(f"{section}.batch_size ({train.batch_size}) is not divisible by the "
+                            f"number of processes ({world_size})")
+    if data.num_rows["val"] == 0:
+        logger.warning("%s: the validation split is empty (%s): no per-epoch validation, and "
+                       "%s.keep_best keeps the last epoch", section, data.splits(), section)
+
+
+def check_compress(settings: "Settings", data: DataFacts) -> None:
+    """Checks stage 2 against the table sizes before stage 1 starts: at least one table has
+    ``compress.min_rows`` rows (``min_rows >= K`` is checked with the settings).
+
+    Example::
+
+        >>> check_compress(Settings(), DataFacts({"train": 8, "val": 1, "test": 1}, {"C1": 600}))
+        Traceback (most recent call last):
+        ...
+        torchrec_mec.pipeline.settings.SettingsError: compress.min_rows is 100000 but the largest table (C1) has 600 rows: no table would be compressed; lower compress.min_rows (--min-rows) to at most 600 (and at least the codebook size 256)
+    """
+    min_rows = settings.compress.min_rows
+    if data.num_embeddings and max(data.num_embeddings.values()) < min_rows:
+        feature, rows = max(data.num_embeddings.items(), key=lambda kv: kv[1])
+        raise SettingsError(
+            f"compress.min_rows is {min_rows} but the largest table ({feature}) has {rows} rows: "
+            f"no table would be compressed; lower compress.min_rows (--min-rows) to at most "
+            f"{rows} (and at least the codebook size {settings.compress.quantizer.codebook_size})")
 
 
 def _defaults(cls: Any) -> Dict[str, Any]:
@@ -259,13 +363,47 @@ def _defaults(cls: Any) -> Dict[str, Any]:
     return out
 
 
+class _DuplicateKey(Exception):
+    """A key given twice in one mapping of a config file (YAML and JSON would keep the last)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        first: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise _DuplicateKey(f"line {line}: key {key!r} is given twice (first at line "
+                                    f"{first[key]}); each setting may appear once")
+            first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(f"key {key!r} is given twice in one object; each setting may "
+                                "appear once")
+        out[key] = value
+    return out
+
+
 def _read_config(path: str) -> Dict[str, Any]:
     if not g_pathmgr.isfile(path):
         raise SettingsError(f"config file {path}: not found")
     with g_pathmgr.open(path, "r") as f:
         text = f.read()
     try:
-        tree = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+        if path.endswith(".json"):
+            tree = json.loads(text, object_pairs_hook=_unique_json_object)
+        else:
+            tree = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a safe loader)
+    except _DuplicateKey as e:
+        raise SettingsError(f"config file {path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise SettingsError(f"config file {path}: cannot be parsed ({e})") from None
     if tree is None:
@@ -285,8 +423,9 @@ def _nest(key: str, value: Any) -> Dict[str, Any]:
     return tree
 
 
-def _merge(base: Dict[str, Any], update: Mapping[str, Any], source: str,
+def _merge(base: Dict[str, Any], update: Mapping[str, Any], source: str, origins: Dict[str, str],
            path: str = "") -> Dict[str, Any]:
+    """``base`` updated by ``update``; ``origins`` learns which source set each key."""
     out = dict(base)
     for key, value in update.items():
         where = f"{path}{key}"
@@ -295,39 +434,54 @@ def _merge(base: Dict[str, Any], update: Mapping[str, Any], source: str,
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise SettingsError(f"{source}: {where!r} is a section, got {value!r}")
-            out[key] = _merge(base[key], value, source, where + ".")
+            out[key] = _merge(base[key], value, source, origins, where + ".")
         else:
             out[key] = value
+            origins[where] = source
     return out
 
 
-def _build(cls: Any, tree: Mapping[str, Any], path: str) -> Any:
+def _build(cls: Any, tree: Mapping[str, Any], path: str, origins: Mapping[str, str]) -> Any:
     hints = typing.get_type_hints(cls)
-    kwargs = {f.name: _coerce(hints[f.name], tree[f.name], f"{path}{f.name}")
+    kwargs = {f.name: _coerce(hints[f.name], tree[f.name], f"{path}{f.name}", origins)
               for f in dataclasses.fields(cls)}
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise SettingsError(f"settings {path.rstrip('.') or 'root'}: {e}") from None
+        section = path.rstrip(".")
+        sources = sorted({o for k, o in origins.items() if k.startswith(path)})
+        where = f"settings {section}" if section else "settings"
+        raise SettingsError(f"{where}{' (from ' + ', '.join(sources) + ')' if sources else ''}: "
+                            f"{e}") from None
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
+def _coerce(hint: Any, value: Any, where: str, origins: Mapping[str, str]) -> Any:
+    try:
+        return _coerce_value(hint, value, where, origins)
+    except SettingsError as e:
+        if where in origins and not str(e).startswith(origins[where]):
+            raise SettingsError(f"{origins[where]}: {e}") from None
+        raise
+
+
+def _coerce_value(hint: Any, value: Any, where: str, origins: Mapping[str, str]) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where + ".")
+        return _build(hint, value, where + ".", origins)
     if origin in (Union, types.UnionType):
         if type(None) in args and (value is None or (isinstance(value, str)
                                                       and value.lower() in ("none", "null"))):
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, where)
+        return _coerce_value(inner, value, where, origins)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise SettingsError(f"setting {where!r} must be a list, got {value!r}")
         inner = args if len(args) != 2 or args[1] is not Ellipsis else (args[0],) * len(value)
         if len(inner) != len(value):
             raise SettingsError(f"setting {where!r} must have {len(inner)} entries, got {value!r}")
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(inner, value)))
+        return tuple(_coerce_value(t, v, f"{where}[{i}]", origins)
+                     for i, (t, v) in enumerate(zip(inner, value)))
     if hint is Any:
         return value
     if hint in (int, float) and isinstance(value, str):

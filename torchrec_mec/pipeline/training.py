@@ -14,6 +14,7 @@ plan, so a checkpoint resumes with the world size that wrote it), all written th
 the last one and ends in the state an uninterrupted run reaches.
 """
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -76,6 +77,17 @@ class TrainHistory:
         return asdict(self)
 
 
+class TrainingDivergedError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the stage, the step and the
+    learning rates.
+
+    Example::
+
+        >>> issubclass(TrainingDivergedError, ArithmeticError)
+        True
+    """
+
+
 @dataclass
 class TrainResult:
     """Output of :func:`train_model`.
@@ -136,12 +148,14 @@ def train_model(
     eval_batch_size: int,
     desc: str = "train",
     progress: bool = True,
+    start_competes: bool = True,
 ) -> TrainResult:
     """Trains ``model`` on the training split, validating after each epoch.
 
     With ``settings.keep_best`` the starting state is validated too, and the state of the epoch
     with the lowest validation log loss is returned (early stopping by selection: on small data
-    further epochs, or fine-tuning at all, can overfit).
+    further epochs, or fine-tuning at all, can overfit). A NaN or infinite training loss stops
+    training with :class:`TrainingDivergedError`.
 
     Args:
         model (CTRModel): the unsharded model with its initial state (the same on every rank).
@@ -154,16 +168,20 @@ def train_model(
         fingerprint (str): identifies the inputs and settings; a checkpoint with another one is
             stale and ignored.
         eval_batch_size (int): global batch size of the per-epoch validation.
-        desc (str): progress bar label.
+        desc (str): progress bar label; the stage's name in messages.
         progress (bool): show a tqdm bar (on rank 0).
+        start_competes (bool): whether ``keep_best`` may keep the starting state (epoch 0).
+            False for a model trained from its random initialisation: that state is validated
+            for the curves but is no result to keep.
 
     Returns:
         TrainResult: the full trained state (rank 0) and the history.
 
     Raises:
-        ArtifactError: the checkpoint is corrupted (names the file).
+        ArtifactError: the checkpoint is corrupted (names the file and the way out).
         ValueError: the checkpoint was written by another number of processes, or the batch
             size does not divide by the world size.
+        TrainingDivergedError: the loss became NaN or infinite (names step and learning rates).
     """
     if settings.batch_size % ctx.world_size:
         raise ValueError(f"batch_size {settings.batch_size} is not divisible by the world size "
@@ -192,8 +210,8 @@ def train_model(
                     epoch + 1, skip)
     keep_best = settings.keep_best and dataset.num_rows("val") > 0
     if keep_best and not history.epochs:
-        best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc, True,
-                         None)
+        best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc,
+                         start_competes, None)
     steps_per_epoch = dataset.num_batches("train", local_batch, world_size=ctx.world_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + skip,
                desc=desc, unit="step", disable=not (progress and ctx.is_main), dynamic_ncols=True)
@@ -205,6 +223,12 @@ def train_model(
             if step < skip:
                 continue
             loss = _train_step(runner, optimizer, batch, ctx)
+            if not math.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"{desc}: the training loss is {loss} at step {len(history.step_loss) + 1} "
+                    f"(epoch {epoch + 1}, batch {step + 1}) with dense_lr={settings.dense_lr:g} "
+                    f"and embedding_lr={settings.embedding_lr:g}: training diverged; lower the "
+                    f"learning rates ({desc}.dense_lr, {desc}.embedding_lr)")
             history.step_loss.append(loss)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
@@ -221,8 +245,9 @@ def train_model(
                              sum(epoch_losses) / len(epoch_losses), desc, keep_best, best)
             if ctx.is_main:
                 e = history.epochs[-1]
-                logger.info("%s: epoch %d/%d train loss %.4f, val AUC %.4f, val logloss %.4f",
-                            desc, epoch, settings.epochs, e["train_loss"], e["val_auc"],
+                logger.info("%s: epoch %d/%d train loss %.4f, val AUC %s, val logloss %.4f",
+                            desc, epoch, settings.epochs, e["train_loss"],
+                            "undefined" if e["val_auc"] is None else f"{e['val_auc']:.4f}",
                             e["val_logloss"])
         _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history, best)
     bar.close()
@@ -311,6 +336,15 @@ def remove_checkpoint(uri: str) -> None:
         g_pathmgr.rm(uri)
 
 
+def drop_checkpoint(uri: str, ctx: DistContext) -> None:
+    """Removes the checkpoint ``uri`` and its optimizer files on rank 0, between barriers, so that
+    no rank resumes from it (``--force``)."""
+    barrier(ctx)
+    if ctx.is_main:
+        remove_checkpoint(uri)
+    barrier(ctx)
+
+
 def _save(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
           optimizer: KeyedOptimizer, epoch: int, step: int, history: TrainHistory,
           best: Optional[Dict[str, torch.Tensor]]) -> None:
@@ -356,7 +390,7 @@ def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
     the position, the history and (on rank 0) the best state so far."""
     if not g_pathmgr.exists(uri):
         return None
-    tensors, meta = load_artifact(uri, expect_kind=CHECKPOINT_KIND)
+    tensors, meta = _load_checkpoint(uri, CHECKPOINT_KIND)
     if meta["fingerprint"] != fingerprint:
         if ctx.is_main:
             logger.warning("%s was written for other inputs or settings; starting over", uri)
@@ -365,7 +399,7 @@ def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
         raise ValueError(f"checkpoint {uri} was written by {meta['world_size']} processes; "
                          f"resume it with {meta['world_size']}, or start over with --force")
     optim_uri = optimizer_checkpoint_uri(uri, meta["global_step"], ctx.rank)
-    optim_state, _ = load_artifact(optim_uri, expect_kind=OPTIMIZER_KIND)
+    optim_state, _ = _load_checkpoint(optim_uri, OPTIMIZER_KIND)
     for part in own:
         part.init_state()  # Adam's state is lazy: make it so the checkpoint can fill it
     state = runner.state_dict()
@@ -376,6 +410,14 @@ def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
     optimizer.load_state_dict(optimizer_state)
     best = _strip(tensors, "best.") if ctx.is_main else None
     return meta["epoch"], meta["step"], TrainHistory(**meta["history"]), best or None
+
+
+def _load_checkpoint(uri: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    try:
+        return load_artifact(uri, expect_kind=kind)
+    except ArtifactError as e:
+        raise ArtifactError(f"{e}. It is a training checkpoint: delete it to start the stage "
+                            "over, or rerun the stage with --force") from None
 
 
 def _strip(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
