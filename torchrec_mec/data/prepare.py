@@ -25,6 +25,7 @@ from torchrec_mec.data.encoded import EncodedDataset
 from torchrec_mec.data.schema import (
     SPLITS,
     BadRowReport,
+    CorruptDatasetError,
     DataFormatError,
     DataSchema,
     RawChunk,
@@ -106,7 +107,9 @@ def prepare_dataset(
         max_rows (Optional[int]): read at most this many data lines per source file.
         synthetic (Optional[SyntheticConfig]): the generator settings for ``"synthetic"``
             (default ``SyntheticConfig()``).
-        overwrite (bool): prepare again even if a matching finished set exists.
+        overwrite (bool): prepare again even if a matching finished set exists. A new set is
+            built beside the old one (``.<name>.new-<pid>``) and replaces it only once complete,
+            so a failed re-prepare leaves the old set as it was.
         progress (bool): show tqdm progress bars.
         chunk_rows (int): rows per processing chunk (does not change the result).
 
@@ -115,6 +118,8 @@ def prepare_dataset(
 
     Raises:
         FileNotFoundError: a source file is missing.
+        FileExistsError: ``out_dir`` holds files but is not a prepared data set (never
+            replaced).
         DataFormatError: an empty source, a bad header, no valid rows, or (with
             ``bad_rows="fail"``) a bad row; the message names file, line and column.
         CorruptDatasetError: a finished set with these arguments whose files do not match
@@ -156,29 +161,105 @@ def prepare_dataset(
             fingerprint["split"] = list(split)
     fingerprint = json.loads(json.dumps(fingerprint))
 
-    old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
+    _recover_interrupted_swap(out_dir)
+    try:
+        old = read_manifest(out_dir) if os.path.isdir(out_dir) else None
+    except CorruptDatasetError:
+        if not overwrite:
+            raise
+        old = None  # an unreadable manifest: replaced below
     if old is not None and not overwrite and old.get("fingerprint") == fingerprint:
         logger.info("reusing the prepared data set in %s", out_dir)
         return EncodedDataset(out_dir, verify=True)
-    if old is not None:
-        g_pathmgr.rm(os.path.join(out_dir, MANIFEST))
-        for rel in old.get("files", {}):
-            if os.path.isfile(os.path.join(out_dir, rel)):
-                os.remove(os.path.join(out_dir, rel))
-    os.makedirs(out_dir, exist_ok=True)
+    _check_replaceable(out_dir)
 
-    if format == "synthetic":
-        body = write_synthetic(synthetic, out_dir, seed=seed, split=split, progress=progress,
-                               chunk_rows=chunk_rows)
-        body.update(bad_rows=BadRowReport("report").to_dict(), vocabulary=None)
-    else:
-        body = _encode_text(sources, format, out_dir, min_count=min_count, split=split,
-                            seed=seed, report=BadRowReport(bad_rows), max_rows=max_rows,
-                            progress=progress, chunk_rows=chunk_rows)
-        body["synthetic"] = None
-    write_manifest(out_dir, {"kind": FORMAT_KIND, "format_version": FORMAT_VERSION,
-                             "fingerprint": fingerprint, **body})
+    # Built beside the old set and swapped in once complete: a failure leaves the old one as is.
+    build = _beside(out_dir, "new", os.getpid())
+    shutil.rmtree(build, ignore_errors=True)
+    os.makedirs(build)
+    try:
+        if format == "synthetic":
+            body = write_synthetic(synthetic, build, seed=seed, split=split, progress=progress,
+                                   chunk_rows=chunk_rows)
+            body.update(bad_rows=BadRowReport("report").to_dict(), vocabulary=None)
+        else:
+            body = _encode_text(sources, format, build, min_count=min_count, split=split,
+                                seed=seed, report=BadRowReport(bad_rows), max_rows=max_rows,
+                                progress=progress, chunk_rows=chunk_rows)
+            body["synthetic"] = None
+        write_manifest(build, {"kind": FORMAT_KIND, "format_version": FORMAT_VERSION,
+                               "fingerprint": fingerprint, **body})
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    _swap_in(build, out_dir)
     return EncodedDataset(out_dir)
+
+
+def _beside(out_dir: str, what: str, pid: int) -> str:
+    """``<parent>/.<name>.<what>-<pid>``: a folder next to ``out_dir`` (same file system, so a
+    rename moves it)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    return os.path.join(parent, f".{name}.{what}-{pid}")
+
+
+def _leftovers(out_dir: str, what: str) -> List[str]:
+    """Folders ``_beside(out_dir, what, pid)`` of processes that have ended."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    prefix = f".{name}.{what}-"
+    found = []
+    for entry in os.listdir(parent) if os.path.isdir(parent) else []:
+        pid = entry[len(prefix):]
+        if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+            found.append(os.path.join(parent, entry))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover_interrupted_swap(out_dir: str) -> None:
+    """Puts back an old set moved aside by a swap that was killed before the new one was moved
+    in, and removes half-built sets of processes that have ended."""
+    for old in _leftovers(out_dir, "old"):
+        if not os.path.exists(out_dir) and os.path.isfile(os.path.join(old, MANIFEST)):
+            os.rename(old, out_dir)
+            logger.warning("%s: put back the data set a killed re-prepare had moved aside", out_dir)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for new in _leftovers(out_dir, "new"):
+        shutil.rmtree(new, ignore_errors=True)
+
+
+def _check_replaceable(out_dir: str) -> None:
+    """A folder that holds something other than a data set is never replaced."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"{out_dir} is a file, not a data set folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) \
+            and not os.path.isfile(os.path.join(out_dir, MANIFEST)):
+        raise FileExistsError(f"{out_dir} holds files but no {MANIFEST}: it is not a prepared "
+                              "data set, so it is not replaced; give a new or empty folder, or "
+                              "delete it")
+
+
+def _swap_in(build: str, out_dir: str) -> None:
+    """Moves the finished set ``build`` to ``out_dir``; an old set there is moved aside first
+    and removed after (a kill in between is undone by ``_recover_interrupted_swap``)."""
+    if os.path.exists(out_dir):
+        aside = _beside(out_dir, "old", os.getpid())
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(out_dir, aside)
+        os.rename(build, out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.rename(build, out_dir)
 
 
 def _sources(source: Union[None, str, Mapping[str, str]]) -> List[Tuple[str, str]]:
