@@ -77,7 +77,21 @@ def _torch_optimizer(opt: Optional[EmbOptimType], kwargs: Dict[str, Any]) -> Opt
 
 
 class ShardLayout(Protocol):
-    """How a parameter held by this rank sits in its table (see ``TableLayout``)."""
+    """How a parameter held by this rank sits in its table (the sharded QEBC's ``_TableLayout``).
+
+    Example (a replicated parameter: its state is checkpointed as it is)::
+
+        >>> class Replicated:
+        ...     def to_global(self, local):
+        ...         return local
+        ...     def copy_local(self, value, local):
+        ...         local.copy_(value)
+        >>> w = nn.Parameter(torch.ones(2))
+        >>> opt = InBackwardOptimizer({"w": w}, torch.optim.Adam, {"lr": 0.1}, {"w": Replicated()})
+        >>> state = opt.state_dict()
+        >>> state["state"]["w"]["exp_avg"].tolist(), float(state["state"]["w"]["step"])
+        ([0.0, 0.0], 0.0)
+    """
 
     def to_global(self, local: Optional[torch.Tensor]) -> Any:
         """A tensor shaped like the local parameter, as the table-wide value (a ``ShardedTensor``

@@ -247,7 +247,7 @@ class ShardedQuantizedEmbeddingBagCollection(
                     local._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
             holder.register_parameter(key, local)
 
-    def _layout(self, table: str, key: str) -> "TableLayout":
+    def _layout(self, table: str, key: str) -> "_TableLayout":
         cfg, ps = self._configs[table], self.module_sharding_plan[table]
         lookup, shards = None, []
         for candidate in self._lookups:
@@ -258,7 +258,7 @@ class ShardedQuantizedEmbeddingBagCollection(
         replicated = ps.sharding_type == ShardingType.DATA_PARALLEL.value or (
             ps.sharding_type == ShardingType.ROW_WISE.value and key == "codebooks"
         )
-        return TableLayout(
+        return _TableLayout(
             name=f"embedding_bags.{table}.{key}",
             config=cfg,
             key=key,
@@ -408,7 +408,7 @@ class ShardedQuantizedEmbeddingBagCollection(
 
 
 @dataclass
-class TableLayout:
+class _TableLayout:
     """Where this rank's tensor of one state key (``embedding_bags.<t>.codes``, ``.codebooks`` or
     ``.weight``) sits in the table: the one place that turns local tensors (the parameter, its
     optimizer state) into the table-wide ``ShardedTensor`` of a state dict, and back.
