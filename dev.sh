@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: sets up .venv (once, and again when the pins change),
-# then runs what was asked.
+# One entry point for a fresh machine: sets up .venv (once, and again when the pins or the C++
+# operator's sources change), then runs what was asked.
 #   bash dev.sh demo [mec run flags]   MEC end to end on the real Criteo sample (or generated data)
 #   bash dev.sh test [pytest args]     the test suite (heavy benchmark runs are excluded)
 #   bash dev.sh setup                  only the environment
@@ -11,7 +11,8 @@ PY="$VENV/bin/python"
 
 setup() {
   local stamp="$VENV/.mec-stamp" want
-  want=$(cat requirements/*.txt pyproject.toml setup.py | sha256sum | cut -c1-16)
+  # The C++ operator's sources count too, so that a changed csrc/ is rebuilt into an existing .venv.
+  want=$(cat requirements/*.txt pyproject.toml setup.py torchrec_mec/ops/csrc/* | sha256sum | cut -c1-16)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   echo "dev.sh: setting up $VENV (python3.11, torch CPU, fbgemm-gpu-cpu, torchrec --no-deps)" >&2
   [ -x "$PY" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"

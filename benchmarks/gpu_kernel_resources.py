@@ -35,7 +35,7 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
 # values, offsets, weights, codes, codebooks or output gradient, output or codebook gradient,
 # number of bags, K: the same for both kernels.
-RUNTIME_TYPES = ["*i64", "*i64", "*fp32", "*u8", "*fp32", "*fp32", "i32", "i32"]
+RUNTIME_TYPES = ["*i64", "*i64", "*fp32", "*u8", "*fp32", "*fp32", "i32", "i32", "i32"]
 
 
 def compile_kernel(kernel, types, constants: Dict[str, object], num_warps: int, sm: int) -> bytes:

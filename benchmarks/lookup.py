@@ -173,7 +173,7 @@ def profile_qebc(qebc: QuantizedEmbeddingBagCollection, batches, upstream: torch
     opt = torch.optim.SGD(qebc.parameters(), lr=0.01)
 
     def before(kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return qebc._tbe_forward(qebc._split(qebc._in_table_order(kjt)))
+        return qebc._tbe_forward(qebc._split(kjt))
 
     for name, forward in [("before: FBGEMM TBE path", before),
                           ("now: compiled operator", lambda kjt: qebc(kjt).values())]:
@@ -259,8 +259,7 @@ def main() -> None:
             return run
 
         def qebc_before(i: int) -> torch.Tensor:
-            features = qebc._in_table_order(batches[i])
-            return qebc._tbe_forward(qebc._split(features))
+            return qebc._tbe_forward(qebc._split(batches[i]))
 
         forward = [
             Method("EBC (TorchRec)", no_grad(lambda i: ebc(batches[i])), module_bytes(ebc)),

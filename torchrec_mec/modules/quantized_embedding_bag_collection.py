@@ -23,12 +23,14 @@ from torchrec_mec.modules.quantized_embedding_configs import (
     as_quantized_config,
     code_dtype,
 )
+from torchrec_mec.ops import triton_lookup
 from torchrec_mec.ops.fast_lookup import (
+    assert_ids_in_range,
     cpu_operator_available,
     fused_pooled_lookup,
-    pq_embedding_bag_fast,
 )
-from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup
+from torchrec_mec.ops.reference import pq_embedding_bag
+from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup, tbe_available
 
 
 class ProductQuantizedTable(nn.Module):
@@ -315,6 +317,8 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for m in range(cfg.num_subspaces if cfg.compressed else 1)
         ]
         self._lookup = TableBatchedLookup(shapes, slots) if shapes else None
+        full_slots = [first_table[c.name] for c in self._feature_configs if not c.compressed]
+        self._full_lookup = TableBatchedLookup(shapes, full_slots) if full_slots else None
         self._buffer = FlatParameterBuffer(self._table_parameters)
 
     # -- the EmbeddingBagCollectionInterface ------------------------------------------------
@@ -336,7 +340,6 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             table.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        features = self._in_table_order(features)
         on_cpu = features.values().device.type == "cpu"
         if on_cpu and self._lookup is not None and cpu_operator_available():
             values = self._fused_forward(features)
@@ -345,7 +348,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if on_cpu and self._lookup is not None:
                 values = self._tbe_forward(per_feature)
             else:
-                values = self._plain_forward(per_feature)
+                values = self._device_forward(per_feature)
         return KeyedTensor(
             keys=self._embedding_names,
             length_per_key=self._lengths_per_embedding,
@@ -450,10 +453,10 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _table_parameters(self) -> List[nn.Parameter]:
         return [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs]
 
-    def _in_table_order(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        keys = features.keys()
+    def _feature_slots(self, keys: List[str]) -> List[int]:
+        """For each KJT key, the position of its feature in the output (table order)."""
         if keys == self._feature_names:
-            return features
+            return list(range(len(keys)))
         missing = [f for f in self._feature_names if f not in set(keys)]
         if missing:
             raise ValueError(f"KeyedJaggedTensor is missing configured feature(s) {missing}")
@@ -463,8 +466,9 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 f"KeyedJaggedTensor carries feature(s) {unknown} that no table reads "
                 f"(configured: {self._feature_names})"
             )
-        index = {k: i for i, k in enumerate(keys)}
-        return features.permute([index[f] for f in self._feature_names])
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"KeyedJaggedTensor repeats a feature: {keys}")
+        return [self._feature_names.index(k) for k in keys]
 
     def _ids_and_weights(
         self, features: KeyedJaggedTensor
@@ -478,73 +482,126 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return values, weights
 
     @staticmethod
+    def _check_lengths(keys: List[str], lengths: torch.Tensor, num_values: int) -> None:
+        """On CPU: lengths are not negative and sum to ``num_values``, else ``ValueError``
+        naming the feature (the compiled operator makes the same checks on its offsets)."""
+        per_bag = lengths.view(len(keys), -1)
+        negative = (per_bag < 0).nonzero()
+        if negative.numel():
+            f, b = negative[0].tolist()
+            raise ValueError(
+                f"feature {keys[f]!r}: bag {b} has a negative length ({int(per_bag[f, b])})"
+            )
+        ends = per_bag.sum(1).cumsum(0)
+        past = (ends > num_values).nonzero()
+        if past.numel():
+            f = int(past[0])
+            raise ValueError(
+                f"feature {keys[f]!r}: its bags end at value {int(ends[f])} but there are only "
+                f"{num_values} values (the lengths sum to more than the number of values)"
+            )
+        if len(keys) and int(ends[-1]) != num_values:
+            raise ValueError(
+                f"feature {keys[-1]!r}: the bags end at value {int(ends[-1])} but there are "
+                f"{num_values} values (the lengths sum to less than the number of values)"
+            )
+
+    @staticmethod
     def _check_ids(name: str, cfg: QuantizedEmbeddingBagConfig, ids: torch.Tensor) -> None:
-        if ids.numel():
+        """Ids in ``[0, num_embeddings)``: exact ``ValueError`` on CPU, a device-side check
+        (no host sync) elsewhere."""
+        what = f"feature {name!r}: id {{}} is out of range for table {cfg.name!r} with " \
+               f"{cfg.num_embeddings} rows"
+        if ids.device.type != "cpu":
+            assert_ids_in_range(ids, cfg.num_embeddings, what.format("(on device)"))
+        elif ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= cfg.num_embeddings:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"feature {name!r}: id {bad} is out of range for table {cfg.name!r} "
-                    f"with {cfg.num_embeddings} rows"
-                )
+                raise ValueError(what.format(lo if lo < 0 else hi))
 
     def _split(
         self, features: KeyedJaggedTensor
     ) -> List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
-        """Per feature: (ids, lengths [B], weights or None), with ids checked against the table."""
+        """Per feature in table order: (ids, lengths [B], weights or None), checked.
+
+        On CPU every check is exact and raises ``ValueError`` naming the feature. On other
+        devices the checks run on the device (no host sync): the per-key sizes come from the
+        KJT's ``length_per_key()``, which TorchRec's input pipelines compute on the host."""
         values, weights = self._ids_and_weights(features)
+        keys = features.keys()
+        slots = self._feature_slots(keys)
+        lengths = features.lengths()
+        if values.device.type == "cpu":
+            self._check_lengths(keys, lengths, values.numel())
+        elif lengths.numel():
+            torch._assert_async((lengths >= 0).all(), f"KeyedJaggedTensor {keys}: a negative length")
         sizes = features.length_per_key()
+        if sum(sizes) != values.numel():
+            raise ValueError(
+                f"KeyedJaggedTensor {keys}: lengths per key {sizes} sum to {sum(sizes)}, but it "
+                f"holds {values.numel()} values"
+            )
         ids = values.split(sizes)
-        lengths = features.lengths().view(len(self._feature_names), -1)
+        per_key = lengths.view(len(keys), -1)
         ws = weights.split(sizes) if weights is not None else [None] * len(ids)
-        for name, cfg, v in zip(self._feature_names, self._feature_configs, ids):
-            self._check_ids(name, cfg, v)
-        return list(zip(ids, lengths, ws))
+        per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = [
+            (ids[0], per_key[0], ws[0])
+        ] * len(keys)
+        for i, key in enumerate(keys):
+            self._check_ids(key, self._feature_configs[slots[i]], ids[i])
+            per_feature[slots[i]] = (ids[i], per_key[i], ws[i])
+        return per_feature
 
     def _fused_forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        """All features in one call of the compiled operator, which also checks the ids."""
+        """All features, in KJT order, in one call of the compiled operator, which checks the
+        offsets, ids and codes and raises ``ValueError`` naming the feature or table."""
         values, weights = self._ids_and_weights(features)
+        keys = features.keys()
+        slots = self._feature_slots(keys)
         table_index = {cfg.name: t for t, cfg in enumerate(self._embedding_bag_configs)}
-        no_codes = torch.empty(0, dtype=torch.uint8)
+        configs = [self._feature_configs[slot] for slot in slots]
         modules = [self.embedding_bags[cfg.name] for cfg in self._embedding_bag_configs]
-        offsets = features.offsets()
-        pooled, (bad_feature, bad_table) = fused_pooled_lookup(
+        no_codes = torch.empty(0, dtype=torch.uint8)
+        return fused_pooled_lookup(
             values,
-            offsets,
+            features.offsets(),
             weights,
             [m.codes if isinstance(m, ProductQuantizedTable) else no_codes for m in modules],
             [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs],
-            [table_index[cfg.name] for cfg in self._feature_configs],
-            [int(cfg.pooling == PoolingType.MEAN) for cfg in self._feature_configs],
+            [table_index[cfg.name] for cfg in configs],
+            [int(cfg.pooling == PoolingType.MEAN) for cfg in configs],
+            slots,
+            keys,
+            [cfg.name for cfg in self._embedding_bag_configs],
         )
-        if bad_feature >= 0:
-            batch = features.stride()
-            ids = values[int(offsets[bad_feature * batch]) : int(offsets[(bad_feature + 1) * batch])]
-            cfg = self._feature_configs[bad_feature]
-            self._check_ids(self._feature_names[bad_feature], cfg, ids)
-        if bad_table >= 0:
-            cfg = self._embedding_bag_configs[bad_table]
-            raise ValueError(
-                f"table {cfg.name!r}: codes hold a value >= codebook_size {cfg.codebook_size}"
-            )
-        return pooled
 
     def _tbe_forward(
-        self, per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+        self,
+        per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]],
+        lookup: Optional[TableBatchedLookup] = None,
     ) -> torch.Tensor:
+        """Features in one FBGEMM TBE call: all of them through ``self._lookup`` (the CPU path
+        without the compiled operator), or the full-table ones through ``self._full_lookup``."""
+        lookup = lookup or self._lookup
+        assert lookup is not None
+        configs = (self._feature_configs if lookup is self._lookup
+                   else [cfg for cfg in self._feature_configs if not cfg.compressed])
         index_parts, length_parts, weight_parts = [], [], []
-        any_mean = any(cfg.pooling == PoolingType.MEAN for cfg in self._feature_configs)
+        any_mean = any(cfg.pooling == PoolingType.MEAN for cfg in configs)
         need_weights = self._is_weighted or any_mean
-        for cfg, (ids, lengths, w) in zip(self._feature_configs, per_feature):
+        for cfg, (ids, lengths, w) in zip(configs, per_feature):
             if cfg.pooling == PoolingType.MEAN:
                 inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
                 w = torch.repeat_interleave(inv, lengths, output_size=ids.numel())
             elif need_weights and w is None:
-                w = torch.ones(ids.numel(), dtype=torch.float32)
+                w = torch.ones(ids.numel(), dtype=torch.float32, device=ids.device)
             if cfg.compressed:
                 m = cfg.num_subspaces
-                codes = self.embedding_bags[cfg.name].codes
-                index_parts.append(codes[ids].t().reshape(-1).to(torch.int64))
+                gathered = self.embedding_bags[cfg.name].codes[ids].to(torch.int64)
+                if gathered.numel() and int(gathered.max()) >= cfg.codebook_size:
+                    raise ValueError(f"table {cfg.name!r}: codes hold a value >= codebook_size "
+                                     f"{cfg.codebook_size}")
+                index_parts.append(gathered.t().reshape(-1))
                 length_parts.append(lengths.repeat(m))
                 if need_weights:
                     weight_parts.append(w.to(torch.float32).repeat(m))
@@ -556,21 +613,32 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         indices = torch.cat(index_parts)
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(length_parts).long())
         psw = torch.cat(weight_parts) if need_weights else None
-        assert self._lookup is not None
-        return self._lookup(self._buffer, indices, offsets, psw)
+        return lookup(self._buffer, indices, offsets, psw)
 
-    def _plain_forward(
+    def _device_forward(
         self, per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
     ) -> torch.Tensor:
-        outs = []
-        for cfg, (ids, lengths, w) in zip(self._feature_configs, per_feature):
+        """CUDA and other devices: compressed features through the Triton kernel (or the
+        plain-PyTorch lookup), full tables through one FBGEMM TBE call when fbgemm-gpu has
+        kernels for the device, else ``nn.EmbeddingBag`` per feature."""
+        full = [i for i, cfg in enumerate(self._feature_configs) if not cfg.compressed]
+        outs: List[Optional[torch.Tensor]] = [None] * len(per_feature)
+        device = per_feature[0][0].device
+        if full and self._full_lookup is not None and tbe_available(device):
+            pooled_full = self._tbe_forward([per_feature[i] for i in full], self._full_lookup)
+            dims = [self._feature_configs[i].embedding_dim for i in full]
+            for i, block in zip(full, pooled_full.split(dims, dim=1)):
+                outs[i] = block
+        for i, (cfg, (ids, lengths, w)) in enumerate(zip(self._feature_configs, per_feature)):
+            if outs[i] is not None:
+                continue
             offsets = torch.nn.functional.pad(lengths.long().cumsum(0), (1, 0))
             mode = pooling_type_to_str(cfg.pooling)
             module = self.embedding_bags[cfg.name]
             if isinstance(module, ProductQuantizedTable):
-                outs.append(
-                    pq_embedding_bag_fast(module.codes, module.codebooks, ids, offsets, w, mode)
-                )
+                lookup = (triton_lookup.pq_embedding_bag_triton
+                          if ids.is_cuda and triton_lookup.TRITON_AVAILABLE else pq_embedding_bag)
+                outs[i] = lookup(module.codes, module.codebooks, ids, offsets, w, mode)
             else:
-                outs.append(module(ids, offsets, per_sample_weights=w))
-        return torch.cat(outs, dim=1)
+                outs[i] = module(ids, offsets, per_sample_weights=w)
+        return torch.cat(outs, dim=1)  # type: ignore[arg-type]

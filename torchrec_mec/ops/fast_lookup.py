@@ -2,15 +2,19 @@
 
 * CPU: ``torch.ops.torchrec_mec.pooled_lookup_forward`` / ``pooled_lookup_backward``
   (``csrc/pq_lookup.cpp``, built into ``torchrec_mec._C`` by the package install) pool every
-  feature of a collection, compressed or full, in one call each way. When the library is
-  absent, :func:`cpu_operator_available` says so once with a warning and callers take the
-  FBGEMM / pure-PyTorch paths.
-* CUDA: ``triton_lookup.pq_embedding_bag_triton``, one table at a time.
+  feature of a collection, compressed or full, in one call each way. They check every offset,
+  id and code before it is used and raise a ``ValueError`` naming the feature or table. This
+  module registers their fake (meta) kernels and their autograd formula with ``torch.library``,
+  so ``torch.compile(fullgraph=True)``, ``torch.export`` and AOTInductor see one operator with a
+  known output shape. When the library is absent, :func:`cpu_operator_available` says so once
+  with a warning and callers take the FBGEMM / pure-PyTorch paths.
+* CUDA: ``triton_lookup.pq_embedding_bag_triton`` (a ``torch.library.triton_op``), one table at a
+  time, after a device-side id check (:func:`assert_ids_in_range`) that does not sync the host.
 * Anything else: ``reference.pq_embedding_bag`` (plain PyTorch).
 """
 import importlib
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,31 +51,52 @@ def cpu_operator_available() -> bool:
     return _CPU_OPERATOR_ERROR is None
 
 
-class _FusedPooledLookup(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, values, offsets, weights, codes, feature_tables, feature_pooling, *params
-    ):
-        # The backward reads the codes the forward gathered ([M, ids] per feature, as stored:
-        # one byte or two per code), so only keep them when a gradient is wanted.
-        save = any(ctx.needs_input_grad[6:])
-        pooled, saved, status = torch.ops.torchrec_mec.pooled_lookup_forward(
-            values, offsets, weights, codes, list(params), feature_tables, feature_pooling, save
-        )
-        ctx.mark_non_differentiable(status)
-        ctx.save_for_backward(values, offsets, weights, saved)
-        ctx.lookup_args = (codes, params, feature_tables, feature_pooling)
-        return pooled, status
+def _table_dim(param: torch.Tensor) -> Any:
+    """D of a table parameter: codebooks [M, K, D/M] or a full weight [N, D]."""
+    return param.shape[0] * param.shape[2] if param.dim() == 3 else param.shape[1]
 
-    @staticmethod
-    def backward(ctx, grad_pooled, _grad_status):  # type: ignore[override]
-        values, offsets, weights, saved = ctx.saved_tensors
-        codes, params, feature_tables, feature_pooling = ctx.lookup_args
+
+def _saved_stride(codes: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> int:
+    """Bytes of saved codes per id: the largest M * code bytes of the compressed tables."""
+    return max([c.shape[1] * c.element_size() for c, p in zip(codes, params) if p.dim() == 3],
+               default=0)
+
+
+if _CPU_OPERATOR_ERROR is None:
+
+    @torch.library.register_fake("torchrec_mec::pooled_lookup_forward")
+    def _forward_fake(values, offsets, per_sample_weights, codes, params, feature_tables,
+                      feature_pooling, feature_slots, save_codes, feature_names, table_names):
+        batch = (offsets.shape[0] - 1) // len(feature_tables)
+        total_dim = sum(_table_dim(params[t]) for t in feature_tables)
+        saved = values.shape[0] * _saved_stride(codes, params) if save_codes else 0
+        return params[0].new_empty(batch, total_dim), values.new_empty(saved, dtype=torch.uint8)
+
+    @torch.library.register_fake("torchrec_mec::pooled_lookup_backward")
+    def _backward_fake(grad_output, values, offsets, per_sample_weights, saved_codes, codes,
+                       params, feature_tables, feature_pooling, feature_slots, feature_names,
+                       table_names):
+        return [torch.empty_like(p) for p in params]
+
+    def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        values, offsets, weights, codes, params, *static = inputs
+        ctx.num_tables = len(codes)
+        # static: feature_tables, feature_pooling, feature_slots, save_codes, names
+        ctx.static = static[:3] + static[4:]
+        ctx.save_for_backward(values, offsets, weights, output[1], *codes, *params)
+
+    def _backward(ctx, grad_pooled, _grad_saved):  # type: ignore[no-untyped-def]
+        values, offsets, weights, saved, *tables = ctx.saved_tensors
+        codes, params = tables[: ctx.num_tables], tables[ctx.num_tables :]
         grads = torch.ops.torchrec_mec.pooled_lookup_backward(
-            grad_pooled.contiguous(), values, offsets, weights, saved, codes, list(params),
-            feature_tables, feature_pooling,
+            grad_pooled.contiguous(), values, offsets, weights, saved, codes, params, *ctx.static
         )
-        return (None,) * 6 + tuple(grads)
+        no_grad = [None] * ctx.num_tables
+        return (None, None, None, no_grad, list(grads)) + (None,) * 6
+
+    torch.library.register_autograd(
+        "torchrec_mec::pooled_lookup_forward", _backward, setup_context=_setup_context
+    )
 
 
 def fused_pooled_lookup(
@@ -82,8 +107,15 @@ def fused_pooled_lookup(
     params: Sequence[torch.Tensor],
     feature_tables: Sequence[int],
     feature_pooling: Sequence[int],
-) -> Tuple[torch.Tensor, List[int]]:
+    feature_slots: Optional[Sequence[int]] = None,
+    feature_names: Sequence[str] = (),
+    table_names: Sequence[str] = (),
+) -> torch.Tensor:
     """Pools every feature of a collection in one call of the compiled CPU operator.
+
+    Offsets, ids and codes are checked before they are used; a bad one raises ``ValueError``
+    naming the feature (or table) by ``feature_names`` / ``table_names`` when given, by position
+    otherwise. Traceable by ``torch.compile(fullgraph=True)`` and ``torch.export``.
 
     Args:
         values: int32/int64 ids of all features, feature after feature (a KJT's ``values()``).
@@ -94,34 +126,62 @@ def fused_pooled_lookup(
         params: per table, its codebooks [M, K, D/M] or, for a full table, its weight [N, D].
         feature_tables: per feature, the index of the table it reads.
         feature_pooling: per feature, 0 for SUM, 1 for MEAN.
+        feature_slots: per feature, the position of its block in the output (a permutation;
+            feature order by default).
+        feature_names: per feature, its name (for error messages).
+        table_names: per table, its name (for error messages).
 
     Returns:
-        ``(pooled, [bad_feature, bad_table])``: pooled [B, sum of feature dims], differentiable
-        w.r.t. ``params``; ``bad_feature`` is the first feature with an id outside its table
-        and ``bad_table`` the first table holding a code >= K (each -1 if none). Bad ids and
-        codes contribute nothing; the caller raises.
+        pooled [B, sum of feature dims], differentiable w.r.t. ``params``.
 
     Example::
 
         >>> codes = torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8)
         >>> books = torch.arange(8.0).view(2, 2, 2)
         >>> weight = torch.ones(3, 2)
-        >>> pooled, status = fused_pooled_lookup(
-        ...     torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3]), None,
-        ...     [codes, torch.empty(0)], [books, weight], [0, 1], [0, 0])
-        >>> pooled.tolist(), status
-        ([[2.0, 4.0, 10.0, 12.0, 1.0, 1.0]], [-1, -1])
+        >>> fused_pooled_lookup(torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3]), None,
+        ...     [codes, torch.empty(0)], [books, weight], [0, 1], [0, 0]).tolist()
+        [[2.0, 4.0, 10.0, 12.0, 1.0, 1.0]]
+        >>> fused_pooled_lookup(torch.tensor([0, 1, 3]), torch.tensor([0, 2, 3]), None,
+        ...     [codes, torch.empty(0)], [books, weight], [0, 1], [0, 0],
+        ...     feature_names=["user", "site"], table_names=["t_user", "t_site"])
+        Traceback (most recent call last):
+        ...
+        ValueError: feature 'site': id 3 is out of range for table 't_site' with 3 rows
     """
-    pooled, status = _FusedPooledLookup.apply(
+    save = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    pooled, _ = torch.ops.torchrec_mec.pooled_lookup_forward(
         values.contiguous(),
         offsets.long().contiguous(),
         None if per_sample_weights is None else per_sample_weights.float().contiguous(),
         list(codes),
+        list(params),
         list(feature_tables),
         list(feature_pooling),
-        *params,
+        list(range(len(feature_tables))) if feature_slots is None else list(feature_slots),
+        save,
+        "\n".join(feature_names),
+        "\n".join(table_names),
     )
-    return pooled, status.tolist()
+    return pooled
+
+
+def assert_ids_in_range(ids: torch.Tensor, rows: int, what: str) -> None:
+    """Checks on the tensor's device, without a host sync, that every id is in ``[0, rows)``.
+
+    On CPU a bad id raises ``RuntimeError`` with ``what`` in its message now; on CUDA the check
+    is queued on the stream (``torch._assert_async``), before the lookup that it guards, and
+    fails as a device-side assert at the next synchronisation. Callers that want the exact
+    ``ValueError`` on CPU check there themselves.
+
+    Example::
+
+        >>> assert_ids_in_range(torch.tensor([0, 4]), 5, "feature 'f'")
+    """
+    if ids.numel():
+        torch._assert_async(
+            ((ids >= 0) & (ids < rows)).all(), f"{what}: an id is outside [0, {rows})"
+        )
 
 
 def pq_embedding_bag_fast(
@@ -134,9 +194,10 @@ def pq_embedding_bag_fast(
 ) -> torch.Tensor:
     """``reference.pq_embedding_bag`` through the fastest path for the tensors' device.
 
-    The Triton kernel on CUDA (when Triton is installed), the compiled operator on CPU (when
-    built), the plain-PyTorch reference otherwise. Raises ``ValueError`` for ids outside the
-    table (and, on CPU, codes outside the codebooks).
+    The compiled operator on CPU (when built), which raises ``ValueError`` for bad offsets, ids
+    outside the table or codes outside the codebooks; the Triton kernel on CUDA (when Triton is
+    installed), after a device-side id check that does not sync the host; the plain-PyTorch
+    reference otherwise.
 
     Example::
 
@@ -149,21 +210,13 @@ def pq_embedding_bag_fast(
         raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
     if per_sample_weights is not None and mode != "sum":
         raise ValueError("per_sample_weights need mode='sum' (as in F.embedding_bag)")
-    if values.numel() and values.device.type != "cpu":
-        lo, hi = torch.aminmax(values)
-        if int(lo) < 0 or int(hi) >= codes.shape[0]:
-            raise ValueError(f"ids must be in [0, {codes.shape[0]}), got [{int(lo)}, {int(hi)}]")
+    if values.device.type == "cpu" and cpu_operator_available():
+        return fused_pooled_lookup(
+            values, offsets, per_sample_weights, [codes], [codebooks], [0], [int(mode == "mean")]
+        )
+    assert_ids_in_range(values, codes.shape[0], "pq_embedding_bag_fast")
     if values.is_cuda and triton_lookup.TRITON_AVAILABLE:
         return triton_lookup.pq_embedding_bag_triton(
             codes, codebooks, values, offsets, per_sample_weights, mode
         )
-    if values.device.type == "cpu" and cpu_operator_available():
-        pooled, (bad_feature, bad_table) = fused_pooled_lookup(
-            values, offsets, per_sample_weights, [codes], [codebooks], [0], [int(mode == "mean")]
-        )
-        if bad_feature >= 0:
-            raise ValueError(f"ids must be in [0, {codes.shape[0]})")
-        if bad_table >= 0:
-            raise ValueError(f"codes must be < codebook_size {codebooks.shape[1]}")
-        return pooled
     return pq_embedding_bag(codes, codebooks, values, offsets, per_sample_weights, mode)

@@ -8,7 +8,7 @@ runs FBGEMM's dense backward kernel and hands each parameter its slice of the gr
 """
 from itertools import accumulate
 from math import log2
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 import torch
@@ -18,6 +18,21 @@ from torch import nn
 # that SUM and MEAN tables share one op.
 _POOLING_SUM = 0
 _OUTPUT_FP32 = 0
+
+
+def tbe_available(device: torch.device) -> bool:
+    """Whether the installed fbgemm-gpu has TBE kernels for ``device`` (CPU: any build; CUDA:
+    the CUDA build).
+
+    Example::
+
+        >>> tbe_available(torch.device("cpu"))
+        True
+    """
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fbgemm::dense_embedding_codegen_lookup_function", key
+    )
 
 
 class FlatParameterBuffer:
@@ -124,6 +139,7 @@ class TableBatchedLookup:
         self.weights_offsets = torch.tensor(
             [weight_starts[t] for t in feature_tables], dtype=torch.int64
         )
+        self._metadata: Dict[torch.device, Tuple[torch.Tensor, ...]] = {}
 
     def __call__(
         self,
@@ -132,7 +148,33 @@ class TableBatchedLookup:
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        return _TBEFunction.apply(self, buffer, indices, offsets, per_sample_weights, *buffer.params)
+        if indices.device.type == "cpu":
+            function = _TBEFunction
+        else:
+            function = _DenseTBEFunction
+        return function.apply(self, buffer, indices, offsets, per_sample_weights, *buffer.params)
+
+    def dense(
+        self,
+        buffer: FlatParameterBuffer,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """The lookup through FBGEMM's ``dense_embedding_codegen_lookup_function``, on any
+        device it has kernels for: what ``__call__`` runs off the CPU."""
+        return _DenseTBEFunction.apply(
+            self, buffer, indices, offsets, per_sample_weights, *buffer.params
+        )
+
+    def metadata(self, device: torch.device) -> Tuple[torch.Tensor, ...]:
+        """(weights_offsets, d_offsets, hash_size_cumsum) on ``device``."""
+        cached = self._metadata.get(device)
+        if cached is None:
+            cached = tuple(t.to(device) for t in (
+                self.weights_offsets, self.d_offsets, self.hash_size_cumsum))
+            self._metadata[device] = cached
+        return cached
 
 
 class _TBEFunction(torch.autograd.Function):
@@ -182,6 +224,52 @@ class _TBEFunction(torch.autograd.Function):
             per_sample_weights,
             0.0,
         )
+        grads = [
+            grad_flat[start : start + p.numel()].view(p.shape)
+            for p, start in zip(buffer.params, buffer.offsets)
+        ]
+        return (None, None, None, None, None, *grads)
+
+
+class _DenseTBEFunction(torch.autograd.Function):
+    """The flat buffer as a leaf of FBGEMM's own autograd graph, inside this function's forward;
+    the backward takes that graph's gradient of the buffer and slices it per parameter."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        lookup: TableBatchedLookup,
+        buffer: FlatParameterBuffer,
+        indices: torch.Tensor,
+        offsets: torch.Tensor,
+        per_sample_weights: Optional[torch.Tensor],
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        weights_offsets, d_offsets, hash_size_cumsum = lookup.metadata(indices.device)
+        with torch.enable_grad():
+            flat = buffer.flat().detach().requires_grad_(True)
+            out = torch.ops.fbgemm.dense_embedding_codegen_lookup_function(
+                dev_weights=flat,
+                weights_offsets=weights_offsets,
+                D_offsets=d_offsets,
+                total_D=lookup.total_dim,
+                max_D=lookup.max_dim,
+                hash_size_cumsum=hash_size_cumsum,
+                total_hash_size_bits=lookup.total_hash_size_bits,
+                indices=indices,
+                offsets=offsets,
+                pooling_mode=_POOLING_SUM,
+                indice_weights=per_sample_weights,
+                feature_requires_grad=None,
+                output_dtype=_OUTPUT_FP32,
+            )
+        ctx.flat, ctx.out, ctx.buffer = flat, out, buffer
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        (grad_flat,) = torch.autograd.grad(ctx.out, ctx.flat, grad_output)
+        buffer: FlatParameterBuffer = ctx.buffer
         grads = [
             grad_flat[start : start + p.numel()].view(p.shape)
             for p, start in zip(buffer.params, buffer.offsets)

@@ -20,6 +20,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from torch.library import triton_op, wrap_triton
 except ImportError:  # the CPU-only install: callers check TRITON_AVAILABLE
     triton = None
 
@@ -74,9 +75,11 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _codeword_offsets(values_ptr, codes_ptr, bag_ok, start, length, i, cols, col_ok,
-                          codebook_size, M: tl.constexpr, SUB: tl.constexpr):
+                          codebook_size, num_rows, M: tl.constexpr, SUB: tl.constexpr):
         """For the i-th id of every bag: the [bags, columns] offsets of its codewords' elements
         in the [M, K, SUB] codebooks, where they are valid, and which bags have an i-th id.
+        An id outside ``[0, num_rows)`` reads nothing and adds nothing; a code >= K reads
+        codeword 0 (the callers' device-side checks report both).
 
         The code pointers span the whole [bags, columns] tile (equal within a subspace), so the
         codes arrive in the tile's own layout. A [bags, M] load would be re-laid out through
@@ -84,16 +87,19 @@ if TRITON_AVAILABLE:
         (``benchmarks/gpu_kernel_resources.py`` counts the barriers)."""
         live = bag_ok & (i < length)
         ids = tl.load(values_ptr + start + i, mask=live, other=0).to(tl.int64)
+        live = live & (ids >= 0) & (ids < num_rows)
         sub = cols // SUB
         tile_ok = live[:, None] & col_ok[None, :]
         codes = tl.load(codes_ptr + ids[:, None] * M + sub[None, :], mask=tile_ok, other=0)
-        where = (sub[None, :] * codebook_size + codes.to(tl.int32)) * SUB + (cols % SUB)[None, :]
+        codes = codes.to(tl.int32)
+        codes = tl.where(codes < codebook_size, codes, 0)
+        where = (sub[None, :] * codebook_size + codes) * SUB + (cols % SUB)[None, :]
         return where, tile_ok, live
 
     @triton.jit
     def _pq_bag_forward_kernel(
         values_ptr, offsets_ptr, weights_ptr, codes_ptr, books_ptr, out_ptr,
-        num_bags, codebook_size,
+        num_bags, codebook_size, num_rows,
         M: tl.constexpr, SUB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
     ):
@@ -106,7 +112,7 @@ if TRITON_AVAILABLE:
             for u in tl.static_range(UNROLL):
                 where, tile_ok, live = _codeword_offsets(
                     values_ptr, codes_ptr, bag_ok, start, length, first + u, cols, col_ok,
-                    codebook_size, M, SUB)
+                    codebook_size, num_rows, M, SUB)
                 words = tl.load(books_ptr + where, mask=tile_ok, other=0.0)
                 if HAS_WEIGHTS:
                     w = tl.load(weights_ptr + start + first + u, mask=live, other=0.0)
@@ -121,7 +127,7 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _pq_bag_backward_kernel(
         values_ptr, offsets_ptr, weights_ptr, codes_ptr, grad_out_ptr, grad_books_ptr,
-        num_bags, codebook_size,
+        num_bags, codebook_size, num_rows,
         M: tl.constexpr, SUB: tl.constexpr, HAS_WEIGHTS: tl.constexpr, MEAN: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, UNROLL: tl.constexpr,
     ):
@@ -135,7 +141,7 @@ if TRITON_AVAILABLE:
             for u in tl.static_range(UNROLL):
                 where, tile_ok, live = _codeword_offsets(
                     values_ptr, codes_ptr, bag_ok, start, length, first + u, cols, col_ok,
-                    codebook_size, M, SUB)
+                    codebook_size, num_rows, M, SUB)
                 contribution = grad
                 if HAS_WEIGHTS:
                     w = tl.load(weights_ptr + start + first + u, mask=live, other=0.0)
@@ -158,37 +164,53 @@ def _launch(direction: str, books_shape: torch.Size, values: torch.Tensor,
             offsets: torch.Tensor, weights: Optional[torch.Tensor], codes: torch.Tensor,
             src: torch.Tensor, dst: torch.Tensor, mean: bool, launch: LaunchConfig) -> None:
     """Runs a kernel over all bags: forward reads codebooks into the output, backward reads the
-    output gradient into the codebook gradient."""
-    num_bags = offsets.numel() - 1
+    output gradient into the codebook gradient. ``wrap_triton`` lets torch.compile and
+    torch.export trace the launch."""
+    num_bags = offsets.shape[0] - 1
     m, k, sub = books_shape
     kernel, constants = kernel_arguments(direction, m, sub, weights is not None, mean, launch)
-    kernel[(triton.cdiv(num_bags, launch.block_bags),)](
+    wrap_triton(kernel)[(triton.cdiv(num_bags, launch.block_bags),)](
         values, offsets, weights if weights is not None else src, codes, src, dst, num_bags, k,
-        **constants, num_warps=launch.num_warps,
+        codes.shape[0], **constants, num_warps=launch.num_warps,
     )
 
 
-class _PQBagTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, codes, codebooks, values, offsets, weights, mean, launch
-    ):
+if TRITON_AVAILABLE:
+
+    @triton_op("torchrec_mec::pq_bag_triton_forward", mutates_args=())
+    def _pq_bag_forward(codes: torch.Tensor, codebooks: torch.Tensor, values: torch.Tensor,
+                        offsets: torch.Tensor, weights: Optional[torch.Tensor], mean: bool,
+                        block_bags: int, num_warps: int, unroll: int) -> torch.Tensor:
         m, _, sub = codebooks.shape
-        out = torch.empty(offsets.numel() - 1, m * sub, device=codebooks.device,
+        out = torch.empty(offsets.shape[0] - 1, m * sub, device=codebooks.device,
                           dtype=torch.float32)
-        _launch("forward", codebooks.shape, values, offsets, weights, codes,
-                codebooks, out, mean, launch)
-        ctx.save_for_backward(codes, values, offsets, weights)
-        ctx.books_shape, ctx.mean, ctx.launch = codebooks.shape, mean, launch
+        _launch("forward", codebooks.shape, values, offsets, weights, codes, codebooks, out,
+                mean, LaunchConfig(block_bags, num_warps, unroll))
         return out
 
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        codes, values, offsets, weights = ctx.saved_tensors
-        grad_books = torch.zeros(ctx.books_shape, device=grad_out.device, dtype=torch.float32)
-        _launch("backward", ctx.books_shape, values, offsets, weights, codes,
-                grad_out.contiguous(), grad_books, ctx.mean, ctx.launch)
-        return None, grad_books, None, None, None, None, None
+    @triton_op("torchrec_mec::pq_bag_triton_backward", mutates_args=())
+    def _pq_bag_backward(grad_out: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                         values: torch.Tensor, offsets: torch.Tensor,
+                         weights: Optional[torch.Tensor], mean: bool, block_bags: int,
+                         num_warps: int, unroll: int) -> torch.Tensor:
+        grad_books = torch.zeros(codebooks.shape, device=grad_out.device, dtype=torch.float32)
+        _launch("backward", codebooks.shape, values, offsets, weights, codes, grad_out,
+                grad_books, mean, LaunchConfig(block_bags, num_warps, unroll))
+        return grad_books
+
+    def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+        codes, codebooks, values, offsets, weights, *static = inputs
+        ctx.save_for_backward(codes, codebooks, values, offsets, weights)
+        ctx.static = static
+
+    def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+        codes, codebooks, values, offsets, weights = ctx.saved_tensors
+        grad_books = torch.ops.torchrec_mec.pq_bag_triton_backward(
+            grad_out.contiguous(), codes, codebooks, values, offsets, weights, *ctx.static)
+        return None, grad_books, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "torchrec_mec::pq_bag_triton_forward", _backward, setup_context=_setup_context)
 
 
 def pq_embedding_bag_triton(
@@ -206,7 +228,10 @@ def pq_embedding_bag_triton(
     uint16, ``codebooks`` [M, K, D/M] float32, ``values`` int32/int64 ids (assumed in range),
     ``offsets`` [B + 1], optional ``per_sample_weights`` (``mode="sum"``), ``mode`` ``"sum"`` or
     ``"mean"``, ``launch`` the block shape of both kernels; returns [B, D], differentiable
-    w.r.t. ``codebooks``. Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set
+    w.r.t. ``codebooks``. Runs as the operator ``torch.ops.torchrec_mec.pq_bag_triton_forward``
+    (a ``torch.library.triton_op`` with a registered backward), so torch.compile and
+    torch.export see the kernels. Ids outside the table add nothing and codes >= K read
+    codeword 0: nothing is read out of bounds; callers check ids on the device first. Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set
     before this module was imported.
 
     Example (on a GPU)::
@@ -224,5 +249,7 @@ def pq_embedding_bag_triton(
     if per_sample_weights is not None and mode != "sum":
         raise ValueError("per_sample_weights need mode='sum' (as in F.embedding_bag)")
     weights = None if per_sample_weights is None else per_sample_weights.float().contiguous()
-    return _PQBagTriton.apply(codes.contiguous(), codebooks.contiguous(), values.contiguous(),
-                              offsets.long().contiguous(), weights, mode == "mean", launch)
+    return torch.ops.torchrec_mec.pq_bag_triton_forward(
+        codes.contiguous(), codebooks.contiguous(), values.contiguous(),
+        offsets.long().contiguous(), weights, mode == "mean", launch.block_bags,
+        launch.num_warps, launch.unroll)

@@ -8,9 +8,12 @@
 // write the same memory and need no private copies; it reads the codes the forward saved in
 // [M, n] order instead of gathering them from the table again.
 //
-// Errors in the ids are reported, not thrown: the forward returns the first feature with an
-// out-of-range id and the first table with a code >= K, and the Python caller raises a
-// ValueError that names them.
+// Nothing is read through an index that was not checked first, whoever calls the operator:
+// offsets are checked (start at 0, never decrease, end at len(values)) before the pass starts;
+// each id is checked against its table's rows before its row or codes are read, and each code
+// against K before its codeword is read (a bad one is skipped). After the pass, the first bad
+// feature or table is raised as a ValueError (TORCH_CHECK_VALUE) that names it, using the
+// feature and table names the caller passes (newline-separated), or their positions without.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -20,6 +23,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #if defined(__linux__)
@@ -68,15 +73,61 @@ struct Feature {
   int64_t saved = 0;                     // byte offset of its saved codes [M, n] (compressed)
 };
 
+// Feature and table names for error messages: `joined` split at newlines, or "#i" if absent.
+struct Names {
+  std::vector<std::string> names;
+  const char* kind;
+  Names(const std::string& joined, const char* kind_) : kind(kind_) {
+    if (joined.empty()) return;
+    std::stringstream stream(joined);
+    for (std::string name; std::getline(stream, name, '\n');) names.push_back(name);
+  }
+  std::string operator()(int64_t i) const {
+    if (i >= 0 && i < static_cast<int64_t>(names.size())) {
+      return std::string(kind) + " '" + names[i] + "'";
+    }
+    return std::string(kind) + " #" + std::to_string(i);
+  }
+};
+
 struct Plan {
   std::vector<Table> tables;
   std::vector<Feature> features;
-  int64_t batch = 0, total_dim = 0, saved_bytes = 0;
+  int64_t batch = 0, total_dim = 0, num_values = 0;
+  // Saved codes: feature f's [M, n_f] codes start at byte id_begin * saved_stride, where
+  // saved_stride is the largest M * code_bytes of the tables; the size depends on len(values)
+  // and the tables' shapes only, so a fake (meta) kernel can compute it.
+  int64_t saved_stride = 0, saved_bytes = 0;
   const int64_t* offsets = nullptr;      // [F * B + 1], int64
   const void* values = nullptr;          // [n], int32 or int64
   bool int32_ids = false;
   const float* weights = nullptr;        // [n] or nullptr
+  Names feature_names, table_names;
+  Plan(const std::string& features_joined, const std::string& tables_joined)
+      : feature_names(features_joined, "feature"), table_names(tables_joined, "table") {}
 };
+
+// Checks that the offsets of every feature's bags start at 0, never decrease and end at
+// len(values), naming the first feature at fault.
+void check_offsets(const Plan& plan, int64_t num_features) {
+  const int64_t* offsets = plan.offsets;
+  const int64_t batch = plan.batch, n = plan.num_values;
+  TORCH_CHECK_VALUE(offsets[0] == 0, plan.feature_names(0), ": offsets must start at 0, got ",
+                    offsets[0]);
+  for (int64_t r = 0; r < num_features * batch; ++r) {
+    TORCH_CHECK_VALUE(offsets[r + 1] >= offsets[r], plan.feature_names(r / batch), ": bag ",
+                      r % batch, " has a negative length (", offsets[r + 1] - offsets[r], ")");
+  }
+  for (int64_t r = 0; r < num_features * batch; ++r) {
+    TORCH_CHECK_VALUE(offsets[r + 1] <= n, plan.feature_names(r / batch),
+                      ": its bags end at value ", offsets[r + 1], " but there are only ", n,
+                      " values (the lengths sum to more than the number of values)");
+  }
+  const int64_t last = offsets[num_features * batch];
+  TORCH_CHECK_VALUE(last == n, plan.feature_names(num_features - 1), ": the bags end at value ",
+                    last, " but there are ", n,
+                    " values (the lengths sum to less than the number of values)");
+}
 
 Plan make_plan(
     const Tensor& values,
@@ -85,26 +136,36 @@ Plan make_plan(
     at::TensorList codes,
     at::TensorList params,
     at::IntArrayRef feature_tables,
-    at::IntArrayRef feature_pooling) {
-  TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be a contiguous 1-D tensor");
+    at::IntArrayRef feature_pooling,
+    at::IntArrayRef feature_slots,
+    const std::string& feature_names,
+    const std::string& table_names) {
+  TORCH_CHECK(values.dim() == 1 && values.is_contiguous() && values.device().is_cpu(),
+              "values must be a contiguous 1-D CPU tensor");
   TORCH_CHECK(values.scalar_type() == at::kInt || values.scalar_type() == at::kLong,
               "values must be int32 or int64");
-  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.is_contiguous(),
-              "offsets must be a contiguous 1-D int64 tensor");
-  TORCH_CHECK(codes.size() == params.size(), "one codes tensor per table");
-  TORCH_CHECK(feature_tables.size() == feature_pooling.size(), "one pooling mode per feature");
+  TORCH_CHECK(offsets.dim() == 1 && offsets.scalar_type() == at::kLong &&
+                  offsets.is_contiguous() && offsets.device().is_cpu(),
+              "offsets must be a contiguous 1-D int64 CPU tensor");
+  TORCH_CHECK(codes.size() == params.size() && !params.empty(), "one codes tensor per table");
+  TORCH_CHECK(feature_tables.size() == feature_pooling.size() &&
+                  feature_tables.size() == feature_slots.size(),
+              "one table, pooling mode and output slot per feature");
   const int64_t num_features = static_cast<int64_t>(feature_tables.size());
-  TORCH_CHECK(num_features > 0 && (offsets.numel() - 1) % num_features == 0,
-              "offsets must hold num_features * batch + 1 entries");
-  Plan plan;
+  Plan plan(feature_names, table_names);
+  TORCH_CHECK_VALUE(num_features > 0 && offsets.numel() >= 1 &&
+                        (offsets.numel() - 1) % num_features == 0,
+                    "offsets must hold num_features * batch + 1 entries: got ", offsets.numel(),
+                    " for ", num_features, " features");
   plan.batch = (offsets.numel() - 1) / num_features;
+  plan.num_values = values.numel();
   plan.offsets = offsets.data_ptr<int64_t>();
   plan.values = values.data_ptr();
   plan.int32_ids = values.scalar_type() == at::kInt;
-  TORCH_CHECK(plan.offsets[0] == 0 && plan.offsets[offsets.numel() - 1] == values.numel(),
-              "offsets must run from 0 to len(values)");
+  check_offsets(plan, num_features);
   if (weights.has_value()) {
-    TORCH_CHECK(weights->scalar_type() == at::kFloat && weights->is_contiguous() &&
+    TORCH_CHECK_VALUE(weights->scalar_type() == at::kFloat && weights->is_contiguous() &&
+                    weights->dim() == 1 && weights->device().is_cpu() &&
                     weights->numel() == values.numel(),
                 "per_sample_weights must be contiguous float32, one per id");
     plan.weights = weights->data_ptr<float>();
@@ -117,8 +178,9 @@ Plan make_plan(
     table.params = p.data_ptr<float>();
     if (p.dim() == 3) {  // codebooks [M, K, d]
       const Tensor& c = codes[t];
-      TORCH_CHECK(c.dim() == 2 && c.size(1) == p.size(0) && c.is_contiguous(),
-                  "codes must be contiguous [rows, M]");
+      TORCH_CHECK(c.dim() == 2 && c.size(1) == p.size(0) && c.is_contiguous() &&
+                      c.device().is_cpu(),
+                  "codes must be contiguous CPU [rows, M]");
       TORCH_CHECK(c.scalar_type() == at::kByte || c.scalar_type() == at::kUInt16,
                   "codes must be uint8 or uint16");
       table.compressed = true;
@@ -129,6 +191,7 @@ Plan make_plan(
       table.K = p.size(1);
       table.d = p.size(2);
       table.D = table.M * table.d;
+      plan.saved_stride = std::max(plan.saved_stride, table.M * table.code_bytes);
     } else {  // full weight [rows, D]
       TORCH_CHECK(p.dim() == 2, "a table is codebooks [M, K, d] or a weight [rows, D]");
       table.rows = p.size(0);
@@ -136,24 +199,73 @@ Plan make_plan(
     }
     plan.tables.push_back(table);
   }
+  // Output columns: feature f's block comes at position feature_slots[f], a permutation.
+  std::vector<int64_t> slot_dims(num_features, -1);
   for (int64_t f = 0; f < num_features; ++f) {
-    const int64_t t = feature_tables[f];
-    TORCH_CHECK(t >= 0 && t < static_cast<int64_t>(plan.tables.size()), "bad table index");
-    const Table& table = plan.tables[t];
+    const int64_t t = feature_tables[f], slot = feature_slots[f];
+    TORCH_CHECK(t >= 0 && t < static_cast<int64_t>(plan.tables.size()), "bad table index ", t);
+    TORCH_CHECK(slot >= 0 && slot < num_features && slot_dims[slot] < 0,
+                "feature_slots must be a permutation of 0..num_features-1");
+    slot_dims[slot] = plan.tables[t].D;
+  }
+  std::vector<int64_t> slot_cols(num_features + 1, 0);
+  for (int64_t i = 0; i < num_features; ++i) slot_cols[i + 1] = slot_cols[i] + slot_dims[i];
+  plan.total_dim = slot_cols[num_features];
+  for (int64_t f = 0; f < num_features; ++f) {
     Feature feature;
-    feature.table = t;
+    feature.table = feature_tables[f];
     feature.mean = feature_pooling[f] != 0;
-    feature.col = plan.total_dim;
+    feature.col = slot_cols[feature_slots[f]];
     feature.id_begin = plan.offsets[f * plan.batch];
     feature.id_end = plan.offsets[(f + 1) * plan.batch];
-    if (table.compressed) {
-      feature.saved = plan.saved_bytes;
-      plan.saved_bytes += (feature.id_end - feature.id_begin) * table.M * table.code_bytes;
-    }
-    plan.total_dim += table.D;
+    feature.saved = feature.id_begin * plan.saved_stride;
     plan.features.push_back(feature);
   }
+  plan.saved_bytes = plan.num_values * plan.saved_stride;
   return plan;
+}
+
+int64_t id_at(const Plan& plan, int64_t j) {
+  return plan.int32_ids ? static_cast<const int32_t*>(plan.values)[j]
+                        : static_cast<const int64_t*>(plan.values)[j];
+}
+
+int64_t code_at(const Table& table, int64_t row, int64_t m) {
+  const int64_t i = row * table.M + m;
+  return table.code_bytes == 1 ? table.codes[i] : reinterpret_cast<const uint16_t*>(table.codes)[i];
+}
+
+// Raises the ValueError for the first id of feature f outside its table (called after a pass
+// found one, so the rescan costs nothing on good input).
+[[noreturn]] void raise_bad_id(const Plan& plan, int64_t f) {
+  const Feature& fe = plan.features[f];
+  const Table& table = plan.tables[fe.table];
+  for (int64_t j = fe.id_begin; j < fe.id_end; ++j) {
+    const int64_t id = id_at(plan, j);
+    TORCH_CHECK_VALUE(id >= 0 && id < table.rows, plan.feature_names(f), ": id ", id,
+                      " is out of range for ", plan.table_names(fe.table), " with ", table.rows,
+                      " rows");
+  }
+  TORCH_CHECK(false, "torchrec_mec: ", plan.feature_names(f), " was reported with a bad id");
+}
+
+// Raises the ValueError for the first code >= K that compressed table t holds for an id given.
+[[noreturn]] void raise_bad_code(const Plan& plan, int64_t t) {
+  const Table& table = plan.tables[t];
+  for (const Feature& fe : plan.features) {
+    if (fe.table != t) continue;
+    for (int64_t j = fe.id_begin; j < fe.id_end; ++j) {
+      const int64_t id = id_at(plan, j);
+      if (id < 0 || id >= table.rows) continue;
+      for (int64_t m = 0; m < table.M; ++m) {
+        const int64_t k = code_at(table, id, m);
+        TORCH_CHECK_VALUE(k < table.K, plan.table_names(t),
+                          ": codes hold a value >= codebook_size ", table.K, " (row ", id,
+                          ", subspace ", m, ": ", k, ")");
+      }
+    }
+  }
+  TORCH_CHECK(false, "torchrec_mec: ", plan.table_names(t), " was reported with a bad code");
 }
 
 // Floats are added in GCC vector types: after inlining, GCC cannot prove that the accumulator
@@ -391,7 +503,7 @@ void run_dynamic(int64_t count, const F& task) {
                    });
 }
 
-std::tuple<Tensor, Tensor, Tensor> pooled_lookup_forward(
+std::tuple<Tensor, Tensor> pooled_lookup_forward(
     const Tensor& values,
     const Tensor& offsets,
     const std::optional<Tensor>& per_sample_weights,
@@ -399,9 +511,13 @@ std::tuple<Tensor, Tensor, Tensor> pooled_lookup_forward(
     at::TensorList params,
     at::IntArrayRef feature_tables,
     at::IntArrayRef feature_pooling,
-    bool save_codes) {
-  const Plan plan =
-      make_plan(values, offsets, per_sample_weights, codes, params, feature_tables, feature_pooling);
+    at::IntArrayRef feature_slots,
+    bool save_codes,
+    c10::string_view feature_names,
+    c10::string_view table_names) {
+  const Plan plan = make_plan(values, offsets, per_sample_weights, codes, params, feature_tables,
+                              feature_pooling, feature_slots, std::string(feature_names),
+                              std::string(table_names));
   Tensor out = empty_in_huge_pages({plan.batch, plan.total_dim}, params[0].options());
   Tensor saved =
       empty_in_huge_pages({save_codes ? plan.saved_bytes : 0}, values.options().dtype(at::kByte));
@@ -409,15 +525,24 @@ std::tuple<Tensor, Tensor, Tensor> pooled_lookup_forward(
   const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
   ForwardState s{plan, out.data_ptr<float>(), save_codes ? saved.data_ptr<uint8_t>() : nullptr,
                  {num_features}, {num_tables}};
+  if (save_codes) {
+    // Zero the bytes no feature writes (full tables' ids, rows narrower than the stride), so
+    // that the output is a function of the inputs.
+    uint8_t* const bytes = saved.data_ptr<uint8_t>();
+    for (const Feature& fe : plan.features) {
+      const Table& t = plan.tables[fe.table];
+      const int64_t used = t.compressed ? (fe.id_end - fe.id_begin) * t.M * t.code_bytes : 0;
+      std::fill(bytes + fe.saved + used, bytes + fe.id_end * plan.saved_stride, uint8_t{0});
+    }
+  }
   const int64_t rows = num_features * plan.batch;
   run_dynamic((rows + kBagsPerChunk - 1) / kBagsPerChunk, [&](int64_t chunk) {
     forward_rows(s, chunk * kBagsPerChunk, std::min(rows, (chunk + 1) * kBagsPerChunk));
   });
   const int64_t bad_feature = s.bad_feature.load(), bad_table = s.bad_table.load();
-  Tensor status = at::tensor(
-      {bad_feature < num_features ? bad_feature : -1, bad_table < num_tables ? bad_table : -1},
-      values.options().dtype(at::kLong));
-  return {out, saved, status};
+  if (bad_feature < num_features) raise_bad_id(plan, bad_feature);
+  if (bad_table < num_tables) raise_bad_code(plan, bad_table);
+  return {out, saved};
 }
 
 struct BackwardState {
@@ -426,6 +551,8 @@ struct BackwardState {
   const uint8_t* saved;
   std::vector<float*> grads;
   std::vector<std::vector<int64_t>> features_of_table;
+  std::atomic<int64_t> bad_feature;  // first feature with an id outside its table
+  std::atomic<int64_t> bad_table;    // first table whose saved codes hold a value >= K
 };
 
 // Calls add(begin, end, g, scale) for every non-empty bag of feature f, where g points at the
@@ -459,20 +586,32 @@ MEC_INLINE void codebook_grad(BackwardState& s, int64_t t, int64_t m) {
     // This feature's codes of subspace m, indexed by position in `values` minus id_begin.
     const CodeT* const codes = reinterpret_cast<const CodeT*>(s.saved + fe.saved) +
         m * (fe.id_end - fe.id_begin) - fe.id_begin;
+    const int64_t K = table.K;
+    bool bad_code = false;
     for_each_bag(s, f, m * d, [&](int64_t begin, int64_t end, const float* g, float scale) {
       if constexpr (SUB > 0) {
         const Vec<SUB> gv = load<SUB>(g);  // one load per bag, not one per id
         for (int64_t j = begin; j < end; ++j) {
-          float* const y = grad + static_cast<int64_t>(codes[j]) * SUB;
+          const int64_t k = codes[j];
+          if (k >= K) {
+            bad_code = true;
+            continue;
+          }
+          float* const y = grad + k * SUB;
           store<SUB>(y, load<SUB>(y) + (weights ? weights[j] * scale : scale) * gv);
         }
       } else {
         for (int64_t j = begin; j < end; ++j) {
-          axpy<0>(grad + static_cast<int64_t>(codes[j]) * d, g,
-                  weights ? weights[j] * scale : scale, d);
+          const int64_t k = codes[j];
+          if (k >= K) {
+            bad_code = true;
+            continue;
+          }
+          axpy<0>(grad + k * d, g, weights ? weights[j] * scale : scale, d);
         }
       }
     });
+    if (bad_code) record_min(s.bad_table, t);
   }
 }
 
@@ -488,10 +627,17 @@ MEC_INLINE void full_grad(BackwardState& s, int64_t t, int64_t part) {
   for (int64_t row = 0; row < table.rows; ++row) {
     std::fill(grad + row * D, grad + row * D + width, 0.0f);
   }
+  const int64_t rows = table.rows;
   for (int64_t f : s.features_of_table[t]) {
+    bool bad_id = false;
     for_each_bag(s, f, c0, [&](int64_t begin, int64_t end, const float* g, float scale) {
       for (int64_t j = begin; j < end; ++j) {
-        float* const y = grad + static_cast<int64_t>(ids[j]) * D;
+        const int64_t id = static_cast<int64_t>(ids[j]);
+        if (id < 0 || id >= rows) {
+          bad_id = true;
+          continue;
+        }
+        float* const y = grad + id * D;
         const float w = weights ? weights[j] * scale : scale;
         if (width == kFullColumnsPerTask) {
           axpy<kFullColumnsPerTask>(y, g, w, width);
@@ -500,6 +646,7 @@ MEC_INLINE void full_grad(BackwardState& s, int64_t t, int64_t part) {
         }
       }
     });
+    if (bad_id) record_min(s.bad_feature, f);
   }
 }
 
@@ -538,16 +685,25 @@ std::vector<Tensor> pooled_lookup_backward(
     at::TensorList codes,
     at::TensorList params,
     at::IntArrayRef feature_tables,
-    at::IntArrayRef feature_pooling) {
-  const Plan plan =
-      make_plan(values, offsets, per_sample_weights, codes, params, feature_tables, feature_pooling);
+    at::IntArrayRef feature_pooling,
+    at::IntArrayRef feature_slots,
+    c10::string_view feature_names,
+    c10::string_view table_names) {
+  const Plan plan = make_plan(values, offsets, per_sample_weights, codes, params, feature_tables,
+                              feature_pooling, feature_slots, std::string(feature_names),
+                              std::string(table_names));
   TORCH_CHECK(grad_output.scalar_type() == at::kFloat && grad_output.is_contiguous() &&
-                  grad_output.dim() == 2 && grad_output.size(0) == plan.batch &&
-                  grad_output.size(1) == plan.total_dim,
-              "grad_output must be contiguous float32 [batch, total_dim]");
-  TORCH_CHECK(saved_codes.numel() == plan.saved_bytes, "saved_codes do not match the inputs");
+                  grad_output.device().is_cpu() && grad_output.dim() == 2 &&
+                  grad_output.size(0) == plan.batch && grad_output.size(1) == plan.total_dim,
+              "grad_output must be contiguous float32 CPU [batch, total_dim]");
+  TORCH_CHECK(saved_codes.scalar_type() == at::kByte && saved_codes.is_contiguous() &&
+                  saved_codes.device().is_cpu() && saved_codes.numel() == plan.saved_bytes,
+              "saved_codes do not match the inputs (the forward's, with save_codes=True)");
   std::vector<Tensor> grads;
-  BackwardState s{plan, grad_output.data_ptr<float>(), saved_codes.data_ptr<uint8_t>(), {}, {}};
+  const int64_t num_features = static_cast<int64_t>(plan.features.size());
+  const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
+  BackwardState s{plan, grad_output.data_ptr<float>(), saved_codes.data_ptr<uint8_t>(), {}, {},
+                  {num_features}, {num_tables}};
   s.features_of_table.resize(plan.tables.size());
   for (size_t f = 0; f < plan.features.size(); ++f) {
     s.features_of_table[plan.features[f].table].push_back(static_cast<int64_t>(f));
@@ -575,6 +731,10 @@ std::vector<Tensor> pooled_lookup_backward(
                    [](const Task& a, const Task& b) { return a.cost > b.cost; });
   run_dynamic(static_cast<int64_t>(tasks.size()),
               [&](int64_t i) { backward_task(s, tasks[i].table, tasks[i].part); });
+  if (s.bad_feature.load() < num_features) raise_bad_id(plan, s.bad_feature.load());
+  TORCH_CHECK_VALUE(s.bad_table.load() >= num_tables, plan.table_names(s.bad_table.load()),
+                    ": saved_codes hold a value >= its codebook_size ",
+                    s.bad_table.load() < num_tables ? plan.tables[s.bad_table.load()].K : 0);
   return grads;
 }
 
@@ -584,11 +744,13 @@ TORCH_LIBRARY(torchrec_mec, m) {
   m.def(
       "pooled_lookup_forward(Tensor values, Tensor offsets, Tensor? per_sample_weights, "
       "Tensor[] codes, Tensor[] params, int[] feature_tables, int[] feature_pooling, "
-      "bool save_codes) -> (Tensor, Tensor, Tensor)");
+      "int[] feature_slots, bool save_codes, str feature_names, str table_names) "
+      "-> (Tensor, Tensor)");
   m.def(
       "pooled_lookup_backward(Tensor grad_output, Tensor values, Tensor offsets, "
       "Tensor? per_sample_weights, Tensor saved_codes, Tensor[] codes, Tensor[] params, "
-      "int[] feature_tables, int[] feature_pooling) -> Tensor[]");
+      "int[] feature_tables, int[] feature_pooling, int[] feature_slots, str feature_names, "
+      "str table_names) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(torchrec_mec, CPU, m) {
