@@ -257,6 +257,31 @@ TRITON_CHECK = textwrap.dedent("""
             ref.backward(upstream.double())
             torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(grad.double(), books64.grad, atol=1e-5, rtol=1e-5)
+
+    # Registered as an operator: schema and autograd registration hold (fake tensors and
+    # compile need a CUDA build of torch: the interpreter runs kernels on real CPU tensors).
+    from torch.library import opcheck
+    opcheck(torch.ops.torchrec_mec.pq_bag_triton_forward.default,
+            (codes, books, ids, offsets, None, False, 16, 4, 4),
+            test_utils=("test_schema", "test_autograd_registration"))
+
+    # Nothing is read out of bounds: ids outside the table add nothing, a code >= K reads
+    # codeword 0 (the device-side checks before the kernel report both).
+    codes = torch.randint(0, 7, (30, 3), generator=gen).to(torch.uint8)
+    books = torch.randn(3, 7, 4, generator=gen)
+    ids = torch.randint(0, 30, (12,), generator=gen)
+    offsets = torch.tensor([0, 5, 5, 12])
+    bad = ids.clone()
+    bad[1], bad[6] = 30, -4
+    bad_codes = codes.clone()
+    bad_codes[ids[2], 1] = 200
+    safe_codes = bad_codes.clone()
+    safe_codes[ids[2], 1] = 0
+    keep = torch.ones(12)
+    keep[1] = keep[6] = 0
+    out = pq_embedding_bag_triton(bad_codes, books, bad, offsets)
+    ref = reference64(safe_codes, books.double(), bad.clamp(0, 29), offsets, keep, "sum")
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     print("triton interpreter: all cases match")
 """)
 
@@ -307,3 +332,62 @@ def test_launch_config_refuses_a_block_that_is_not_a_power_of_two():
 
     with pytest.raises(ValueError, match="block_bags must be a power of two, got 12"):
         LaunchConfig(block_bags=12)
+
+
+def test_device_path_on_cpu_matches_float64():
+    """The CUDA path's own code (per-feature split with device-side checks, the plain-PyTorch
+    PQ lookup where Triton is absent, full tables through FBGEMM's TBE) run on CPU tensors."""
+    cfgs = configs(PoolingType.SUM)
+    qebc = random_qebc(cfgs, True, seed=10)
+    kjt = random_kjt(cfgs, batch=12, weighted=True, ids_dtype=torch.int64, seed=11)
+    out = qebc._device_forward(qebc._split(kjt))
+    tables = {}
+    for name, module in qebc.embedding_bags.items():
+        param = params(qebc)[name].detach().double()
+        tables[name] = decoded_table64(module.codes, param) if isinstance(
+            module, ProductQuantizedTable) else param
+    torch.testing.assert_close(out.double(), pooled_reference(tables, cfgs, kjt, True),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_dense_tbe_function_matches_the_cpu_kernels():
+    """``TableBatchedLookup.dense`` (FBGEMM's autograd-aware dense TBE: what full tables run on
+    CUDA) gives the CPU kernels' output and per-parameter gradients."""
+    from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup
+
+    gen = torch.Generator().manual_seed(12)
+    weights = [torch.nn.Parameter(torch.randn(9, 4, generator=gen)),
+               torch.nn.Parameter(torch.randn(5, 8, generator=gen))]
+    buffer = FlatParameterBuffer(weights)
+    lookup = TableBatchedLookup([(9, 4), (5, 8)], feature_tables=[1, 0, 0])
+    lengths = torch.tensor([2, 0, 1, 3, 1, 2])  # 3 features x 2 bags
+    indices = torch.cat([torch.randint(0, 5, (2,), generator=gen),
+                         torch.randint(0, 9, (5,), generator=gen),
+                         torch.randint(0, 9, (2,), generator=gen)])
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    psw = torch.rand(indices.numel(), generator=gen)
+    upstream = torch.randn(2, 16, generator=gen)
+    results = []
+    for run in (lookup.__call__, lookup.dense):
+        out = run(buffer, indices, offsets, psw)
+        grads = torch.autograd.grad(out, weights, upstream)
+        results.append((out, grads))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="needs a CUDA GPU: runs the Triton kernel, the device-side id checks "
+                           "and FBGEMM's CUDA TBE against the CPU operator")
+def test_cuda_path_matches_the_cpu_operator():
+    cfgs = configs(PoolingType.SUM)
+    qebc = random_qebc(cfgs, True, seed=13)
+    kjt = random_kjt(cfgs, batch=64, weighted=True, ids_dtype=torch.int64, seed=14)
+    upstream = torch.randn(64, sum(c.embedding_dim * len(c.feature_names) for c in cfgs))
+    cpu_out, cpu_grads = forward_and_grads(qebc, kjt, upstream)
+    qebc = qebc.cuda()
+    cuda_out, cuda_grads = forward_and_grads(qebc, kjt.to(torch.device("cuda")), upstream.cuda())
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, atol=1e-5, rtol=1e-5)
+    for name, grad in cpu_grads.items():
+        torch.testing.assert_close(cuda_grads[name].cpu(), grad, atol=1e-4, rtol=1e-5)

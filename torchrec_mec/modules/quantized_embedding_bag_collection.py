@@ -221,9 +221,13 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``codebook_size > 0`` hold ``codes`` and ``codebooks``; the others hold ``weight`` exactly as
     in the EBC. On CPU all features are pooled by one compiled operator (``torchrec_mec._C``,
     built by the package install; without it, by one FBGEMM table-batched op whose tables are the
-    codebooks' subspaces and the full tables); on CUDA compressed tables use a Triton kernel.
-    Gradients reach ``codebooks`` and ``weight`` through autograd, so any torch optimizer trains
-    them. Codes are a frozen buffer.
+    codebooks' subspaces and the full tables); on CUDA compressed tables use a Triton kernel and
+    full tables FBGEMM's TBE (or ``nn.EmbeddingBag``). Lengths, ids and codes are checked before
+    any memory is read through them: on CPU a bad one raises ``ValueError`` naming the feature
+    and table; on CUDA the checks run on the device, without a host sync. Gradients reach
+    ``codebooks`` and ``weight`` through autograd, so any torch optimizer trains them. Codes are
+    a frozen buffer. ``torch.compile(fullgraph=True)`` and ``torch.export`` trace the lookup as
+    one registered operator.
 
     Built on the ``meta`` device it allocates nothing (tables of billions of rows build in
     milliseconds); ``to_empty(device=...)`` and :meth:`reset_parameters` then give every table the
