@@ -514,14 +514,15 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def _check_ids(name: str, cfg: QuantizedEmbeddingBagConfig, ids: torch.Tensor) -> None:
         """Ids in ``[0, num_embeddings)``: exact ``ValueError`` on CPU, a device-side check
         (no host sync) elsewhere."""
-        what = f"feature {name!r}: id {{}} is out of range for table {cfg.name!r} with " \
-               f"{cfg.num_embeddings} rows"
         if ids.device.type != "cpu":
-            assert_ids_in_range(ids, cfg.num_embeddings, what.format("(on device)"))
+            assert_ids_in_range(ids, cfg.num_embeddings, f"feature {name!r} (table {cfg.name!r})")
         elif ids.numel():
             lo, hi = int(ids.min()), int(ids.max())
             if lo < 0 or hi >= cfg.num_embeddings:
-                raise ValueError(what.format(lo if lo < 0 else hi))
+                raise ValueError(
+                    f"feature {name!r}: id {lo if lo < 0 else hi} is out of range for table "
+                    f"{cfg.name!r} with {cfg.num_embeddings} rows"
+                )
 
     def _split(
         self, features: KeyedJaggedTensor
@@ -548,13 +549,10 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         ids = values.split(sizes)
         per_key = lengths.view(len(keys), -1)
         ws = weights.split(sizes) if weights is not None else [None] * len(ids)
-        per_feature: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = [
-            (ids[0], per_key[0], ws[0])
-        ] * len(keys)
         for i, key in enumerate(keys):
             self._check_ids(key, self._feature_configs[slots[i]], ids[i])
-            per_feature[slots[i]] = (ids[i], per_key[i], ws[i])
-        return per_feature
+        order = sorted(range(len(keys)), key=slots.__getitem__)
+        return [(ids[i], per_key[i], ws[i]) for i in order]
 
     def _fused_forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """All features, in KJT order, in one call of the compiled operator, which checks the
