@@ -351,8 +351,8 @@ def test_device_path_on_cpu_matches_float64():
 
 
 def test_dense_tbe_function_matches_the_cpu_kernels():
-    """``TableBatchedLookup.dense`` (FBGEMM's autograd-aware dense TBE: what full tables run on
-    CUDA) gives the CPU kernels' output and per-parameter gradients."""
+    """``TableBatchedLookup(..., dense=True)`` (FBGEMM's autograd-aware dense TBE: what full
+    tables run on CUDA) gives the CPU kernels' output and per-parameter gradients."""
     from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup
 
     gen = torch.Generator().manual_seed(12)
@@ -368,8 +368,8 @@ def test_dense_tbe_function_matches_the_cpu_kernels():
     psw = torch.rand(indices.numel(), generator=gen)
     upstream = torch.randn(2, 16, generator=gen)
     results = []
-    for run in (lookup.__call__, lookup.dense):
-        out = run(buffer, indices, offsets, psw)
+    for dense in (False, True):
+        out = lookup(buffer, indices, offsets, psw, dense=dense)
         grads = torch.autograd.grad(out, weights, upstream)
         results.append((out, grads))
     torch.testing.assert_close(results[0][0], results[1][0])

@@ -147,24 +147,14 @@ class TableBatchedLookup:
         indices: torch.Tensor,
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor],
+        dense: Optional[bool] = None,
     ) -> torch.Tensor:
-        if indices.device.type == "cpu":
-            function = _TBEFunction
-        else:
-            function = _DenseTBEFunction
-        return function.apply(self, buffer, indices, offsets, per_sample_weights, *buffer.params)
-
-    def dense(
-        self,
-        buffer: FlatParameterBuffer,
-        indices: torch.Tensor,
-        offsets: torch.Tensor,
-        per_sample_weights: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        """The lookup through FBGEMM's ``dense_embedding_codegen_lookup_function``, on any
-        device it has kernels for: what ``__call__`` runs off the CPU."""
-        return _DenseTBEFunction.apply(
-            self, buffer, indices, offsets, per_sample_weights, *buffer.params
+        """The pooled lookup. ``dense`` (default: off the CPU) runs FBGEMM's autograd-aware
+        ``dense_embedding_codegen_lookup_function``, on any device it has kernels for; else
+        FBGEMM's CPU kernels are called directly."""
+        dense = indices.device.type != "cpu" if dense is None else dense
+        return _TBEFunction.apply(
+            self, buffer, dense, indices, offsets, per_sample_weights, *buffer.params
         )
 
     def metadata(self, device: torch.device) -> Tuple[torch.Tensor, ...]:
@@ -178,19 +168,46 @@ class TableBatchedLookup:
 
 
 class _TBEFunction(torch.autograd.Function):
+    """FBGEMM's CPU forward and dense backward kernels on the flat buffer; or, with ``dense``,
+    FBGEMM's autograd-aware ``dense_embedding_codegen_lookup_function`` (any device it has
+    kernels for) with the flat buffer as a leaf of its graph inside this function's forward.
+    Either way the backward slices the buffer's gradient per parameter."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         lookup: TableBatchedLookup,
         buffer: FlatParameterBuffer,
+        dense: bool,
         indices: torch.Tensor,
         offsets: torch.Tensor,
         per_sample_weights: Optional[torch.Tensor],
         *params: torch.Tensor,
     ) -> torch.Tensor:
-        flat = buffer.flat()
-        out = torch.ops.fbgemm.split_embedding_codegen_forward_cpu(
-            flat,
+        ctx.lookup, ctx.buffer, ctx.dense = lookup, buffer, dense
+        if dense:
+            weights_offsets, d_offsets, hash_size_cumsum = lookup.metadata(indices.device)
+            with torch.enable_grad():
+                ctx.flat = buffer.flat().detach().requires_grad_(True)
+                ctx.out = torch.ops.fbgemm.dense_embedding_codegen_lookup_function(
+                    dev_weights=ctx.flat,
+                    weights_offsets=weights_offsets,
+                    D_offsets=d_offsets,
+                    total_D=lookup.total_dim,
+                    max_D=lookup.max_dim,
+                    hash_size_cumsum=hash_size_cumsum,
+                    total_hash_size_bits=lookup.total_hash_size_bits,
+                    indices=indices,
+                    offsets=offsets,
+                    pooling_mode=_POOLING_SUM,
+                    indice_weights=per_sample_weights,
+                    feature_requires_grad=None,
+                    output_dtype=_OUTPUT_FP32,
+                )
+            return ctx.out.detach()
+        ctx.save_for_backward(indices, offsets, per_sample_weights)
+        return torch.ops.fbgemm.split_embedding_codegen_forward_cpu(
+            buffer.flat(),
             lookup.weights_offsets,
             lookup.d_offsets,
             lookup.total_dim,
@@ -201,77 +218,31 @@ class _TBEFunction(torch.autograd.Function):
             per_sample_weights,
             _OUTPUT_FP32,
         )
-        ctx.lookup, ctx.buffer = lookup, buffer
-        ctx.save_for_backward(indices, offsets, per_sample_weights)
-        return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        indices, offsets, per_sample_weights = ctx.saved_tensors
         lookup: TableBatchedLookup = ctx.lookup
         buffer: FlatParameterBuffer = ctx.buffer
-        grad_flat = torch.ops.fbgemm.split_embedding_backward_codegen_dense_cpu(
-            grad_output.contiguous(),
-            buffer.flat(),
-            lookup.weights_offsets,
-            lookup.d_offsets,
-            lookup.max_dim,
-            lookup.hash_size_cumsum,
-            lookup.total_hash_size_bits,
-            indices,
-            offsets,
-            _POOLING_SUM,
-            per_sample_weights,
-            0.0,
-        )
-        grads = [
-            grad_flat[start : start + p.numel()].view(p.shape)
-            for p, start in zip(buffer.params, buffer.offsets)
-        ]
-        return (None, None, None, None, None, *grads)
-
-
-class _DenseTBEFunction(torch.autograd.Function):
-    """The flat buffer as a leaf of FBGEMM's own autograd graph, inside this function's forward;
-    the backward takes that graph's gradient of the buffer and slices it per parameter."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx,
-        lookup: TableBatchedLookup,
-        buffer: FlatParameterBuffer,
-        indices: torch.Tensor,
-        offsets: torch.Tensor,
-        per_sample_weights: Optional[torch.Tensor],
-        *params: torch.Tensor,
-    ) -> torch.Tensor:
-        weights_offsets, d_offsets, hash_size_cumsum = lookup.metadata(indices.device)
-        with torch.enable_grad():
-            flat = buffer.flat().detach().requires_grad_(True)
-            out = torch.ops.fbgemm.dense_embedding_codegen_lookup_function(
-                dev_weights=flat,
-                weights_offsets=weights_offsets,
-                D_offsets=d_offsets,
-                total_D=lookup.total_dim,
-                max_D=lookup.max_dim,
-                hash_size_cumsum=hash_size_cumsum,
-                total_hash_size_bits=lookup.total_hash_size_bits,
-                indices=indices,
-                offsets=offsets,
-                pooling_mode=_POOLING_SUM,
-                indice_weights=per_sample_weights,
-                feature_requires_grad=None,
-                output_dtype=_OUTPUT_FP32,
+        if ctx.dense:
+            (grad_flat,) = torch.autograd.grad(ctx.out, ctx.flat, grad_output)
+        else:
+            indices, offsets, per_sample_weights = ctx.saved_tensors
+            grad_flat = torch.ops.fbgemm.split_embedding_backward_codegen_dense_cpu(
+                grad_output.contiguous(),
+                buffer.flat(),
+                lookup.weights_offsets,
+                lookup.d_offsets,
+                lookup.max_dim,
+                lookup.hash_size_cumsum,
+                lookup.total_hash_size_bits,
+                indices,
+                offsets,
+                _POOLING_SUM,
+                per_sample_weights,
+                0.0,
             )
-        ctx.flat, ctx.out, ctx.buffer = flat, out, buffer
-        return out.detach()
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        (grad_flat,) = torch.autograd.grad(ctx.out, ctx.flat, grad_output)
-        buffer: FlatParameterBuffer = ctx.buffer
         grads = [
             grad_flat[start : start + p.numel()].view(p.shape)
             for p, start in zip(buffer.params, buffer.offsets)
         ]
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
