@@ -21,7 +21,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 class ServingModule(nn.Module):
     """A CTR model called with plain tensors: ``forward(dense [B, num_dense], values [n],
     lengths [F * B]) -> logits [B]``, where ``lengths`` holds the bag lengths of feature
-    ``keys[0]`` for every sample, then of ``keys[1]``, ... (a KJT's layout).
+    ``keys[0]`` for every sample, then of ``keys[1]``, ... (a KJT's layout). Features carry no
+    per-id weights.
 
     Args:
         model (nn.Module): takes ``(dense, KeyedJaggedTensor)`` (e.g. ``CTRModel``).
