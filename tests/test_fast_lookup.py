@@ -358,7 +358,7 @@ def test_dense_tbe_function_matches_the_cpu_kernels():
     gen = torch.Generator().manual_seed(12)
     weights = [torch.nn.Parameter(torch.randn(9, 4, generator=gen)),
                torch.nn.Parameter(torch.randn(5, 8, generator=gen))]
-    buffer = FlatParameterBuffer(weights)
+    buffer = FlatParameterBuffer(lambda: weights)
     lookup = TableBatchedLookup([(9, 4), (5, 8)], feature_tables=[1, 0, 0])
     lengths = torch.tensor([2, 0, 1, 3, 1, 2])  # 3 features x 2 bags
     indices = torch.cat([torch.randint(0, 5, (2,), generator=gen),
