@@ -569,7 +569,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             features.offsets(),
             weights,
             [m.codes if isinstance(m, ProductQuantizedTable) else no_codes for m in modules],
-            [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs],
+            self._table_parameters(),
             [table_index[cfg.name] for cfg in configs],
             [int(cfg.pooling == PoolingType.MEAN) for cfg in configs],
             slots,
