@@ -111,3 +111,26 @@ def test_out_naming_a_file_is_a_usage_error(tmp_path, capsys):
         main(["report", "--out", str(path)])
     assert e.value.code == 2
     assert f"--out {path} is a file" in capsys.readouterr().err
+
+
+def test_target_ratio_flag_runs_and_reports_the_choice_per_table(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    argv = ["run", "--format", "synthetic", "--out", out, "--preset", "sample", "--no-progress",
+            *tiny_flags(), "--target-ratio", "6"]
+    assert main(argv) == 0
+    report = json.loads(open(os.path.join(out, "report.json")).read())
+    assert report["memory"]["target_ratio"] == 6 and report["memory"]["ratio"] >= 6
+    for name, t in report["tables"].items():
+        assert t["plan"]["bytes"] == t["bytes_after"]
+        assert (t["num_subspaces"], t["codebook_size"]) == (
+            t["plan"]["num_subspaces"], t["plan"]["codebook_size"])
+    # Tiny tables: 1 byte a row plus 16 codewords at the least, 13.4x at most (by hand:
+    # 801 + 512, 401 + 512, 31 + 512 and the 6-row table full (192 B), of 39,648 B).
+    assert main(["compress", "--out", out, "--preset", "sample", *tiny_flags(),
+                 "--target-ratio", "20"]) == 2
+    assert "smallest embedding memory reachable is 2961 B, 13.4x" in capsys.readouterr().err
+    # `mec run` finds out once the data is prepared, before pre-training.
+    fresh = tmp_path / "fresh"
+    assert main([*argv[:4], str(fresh), *argv[5:-1], "20"]) == 2
+    assert "13.4x" in capsys.readouterr().err
+    assert (fresh / "data" / "manifest.json").exists() and not (fresh / "pretrain").exists()

@@ -221,3 +221,27 @@ def test_missing_or_corrupted_inputs_are_named(tiny_run, tmp_path):
                                             r"training checkpoint: delete it to start the stage "
                                             r"over, or rerun the stage with --force"):
         pretrain(stage_dir(out, "data"), str(checkpoint.parent), settings, progress=False)
+
+
+def test_target_ratio_plans_every_table_within_the_budget(tiny_run, tmp_path):
+    out, _ = tiny_run
+    settings = tiny_settings(compress__target_ratio=5.0)
+    comp = str(tmp_path / "compress")
+    compress(stage_dir(out, "pretrain"), comp, settings, progress=False)
+    _, meta = load_artifact(os.path.join(comp, "compressed.mec"))
+    plan = meta["plan"]
+    assert sorted(plan) == ["t_C1", "t_C2", "t_C3", "t_C4"]
+    model = compressed_model(stage_dir(out, "pretrain"), comp)
+    report = model.embedding_bag_collection.memory_report()
+    # The QEBC the plan builds holds at most float32 / 5, and each table what the plan said.
+    assert report.total_bytes <= report.baseline_bytes / 5
+    for t, mem in report.tables.items():
+        assert mem.total_bytes == plan[t]["bytes"]
+        assert mem.compressed == (plan[t]["codebook_size"] > 0)
+    for t, c in load_compressed(comp).items():
+        assert tuple(c.codebooks.shape[:2]) == (plan[t]["num_subspaces"], plan[t]["codebook_size"])
+    # A second call reuses the saved plan and the finished tables.
+    before = _mtime(os.path.join(comp, "plan.mec"))
+    compress(stage_dir(out, "pretrain"), comp, tiny_settings(compress__target_ratio=5.0),
+             progress=False)
+    assert _mtime(os.path.join(comp, "plan.mec")) == before

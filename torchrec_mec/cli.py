@@ -35,6 +35,7 @@ from torchrec_mec.pipeline import (
 )
 from torchrec_mec.pipeline.graph import stage
 from torchrec_mec.pipeline.settings import DEFAULT_PRESET
+from torchrec_mec.quantize.budget import BudgetError
 
 SOURCE_COMMANDS = ("run", "prepare", "pretrain")
 """The commands that take ``--data`` / ``--format`` (``pretrain``: to prepare DIR/data first)."""
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", choices=MODEL_NAMES, help="model.name")
             p.add_argument("--seed", type=int,
                            help="pretrain.seed, finetune.seed and compress.quantizer.seed")
+            p.add_argument("--target-ratio", type=float, metavar="R",
+                           help="compress.target_ratio: embedding memory at most float32 / R; "
+                                "stage 2 chooses which tables to compress and their M and K")
             p.add_argument("--min-rows", type=int, help="compress.min_rows")
             p.add_argument("--num-subspaces", type=int, help="compress.quantizer.num_subspaces (M)")
             p.add_argument("--codebook-size", type=int, help="compress.quantizer.codebook_size (K)")
@@ -87,6 +91,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: Dict[str, Any] = {}
     shortcuts = {"model": ["model.name"],
                  "seed": ["pretrain.seed", "finetune.seed", "compress.quantizer.seed"],
+                 "target_ratio": ["compress.target_ratio"],
                  "min_rows": ["compress.min_rows"],
                  "num_subspaces": ["compress.quantizer.num_subspaces"],
                  "codebook_size": ["compress.quantizer.codebook_size"]}
@@ -103,8 +108,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``mec``; returns the exit status (2: bad usage or settings; 1: a missing,
-    stale or corrupted input, a run directory in use, or a diverged training, which the message
+    """Entry point of ``mec``; returns the exit status (2: bad usage or settings, a target
+    ratio that cannot be met included; 1: a missing, stale or corrupted input, a run directory
+    in use, or a diverged training, which the message
     names)."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -117,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.getLogger("torchrec_mec").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         return _dispatch(args)
-    except SettingsError as e:
+    except (SettingsError, BudgetError) as e:
         print(f"mec {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (ArtifactError, CorruptDatasetError, DataFormatError, FileNotFoundError, ValueError,

@@ -5,17 +5,27 @@ from dataclasses import asdict
 from typing import Any, Dict, NamedTuple
 
 import torch
+from iopath.common.file_io import g_pathmgr
 
 from torchrec_mec.artifacts import load_artifact, save_artifact
-from torchrec_mec.pipeline.outputs import COUNTS_FILE, COUNTS_KIND, TABLES_FILE, TABLES_KIND
-from torchrec_mec.pipeline.parallel import barrier, init_distributed
+from torchrec_mec.pipeline.outputs import (
+    COUNTS_FILE,
+    COUNTS_KIND,
+    TABLES_FILE,
+    TABLES_KIND,
+    fingerprint,
+)
+from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
 from torchrec_mec.pipeline.settings import Settings
 from torchrec_mec.quantize import quantize_tables
+from torchrec_mec.quantize.budget import TableOption, check_ratio, plan_tables
 
 logger = logging.getLogger(__name__)
 
 COMPRESSED_FILE = "compressed.mec"
 COMPRESSED_KIND = "mec_compressed_tables"
+PLAN_FILE = "plan.mec"
+PLAN_KIND = "mec_compress_plan"
 
 
 class CompressedTable(NamedTuple):
@@ -46,9 +56,12 @@ def compress(
     force: bool = False,
     progress: bool = True,
 ) -> str:
-    """Stage 2: product-quantizes every pre-trained table of at least ``compress.min_rows`` rows
-    with MEC (row weights from stage 1's id counts), or with plain k-means PQ
-    (``compress.method="kmeans_pq"``); the others stay full.
+    """Stage 2: product-quantizes the pre-trained tables with MEC (row weights from stage 1's
+    id counts), or with plain k-means PQ (``compress.method="kmeans_pq"``); the others stay
+    full. Which tables, and their M and K: with ``compress.target_ratio``, the budget
+    allocator decides (``torchrec_mec.quantize.budget.plan_tables``, on rank 0, its plan saved
+    as ``plan.mec`` and reused on rerun); otherwise every table of at least
+    ``compress.min_rows`` rows, with the quantizer's M and K.
 
     Runs ``torchrec_mec.quantize.quantize_tables``: tables are spread over the ranks of a
     torchrun job; each table's quantizer checkpoints every epoch and a finished table (its
@@ -63,10 +76,13 @@ def compress(
 
     Returns:
         str: the URI of ``compressed.mec`` (``<table>.codes``, ``<table>.codebooks``; metadata
-        ``tables`` with each compressed table's quantizer statistics).
+        ``tables`` with each compressed table's quantizer statistics, ``plan`` with the
+        allocator's choice per table, or None without a target ratio).
 
     Raises:
         ArtifactError: stage 1's files missing or corrupted (names the file).
+        BudgetError: ``compress.target_ratio`` cannot be reached (names the smallest ratio
+            that can), raised on every rank before any work.
     """
     ctx = init_distributed()
     out_uri = os.path.join(out_dir, COMPRESSED_FILE)
@@ -77,23 +93,66 @@ def compress(
     weights = {k[len("embedding_bags."):-len(".weight")]: v for k, v in tensors.items()
                if k.startswith("embedding_bags.") and k.endswith(".weight")}
     all_tables = {t: (w, counts[t]) for t, w in weights.items()}
+    plan = None
+    if settings.compress.target_ratio is not None:
+        # The plan's key: what it depends on, so a stale plan is never reused.
+        key = fingerprint(settings.compress, tables_uri, counts_uri)
+        plan = _plan(all_tables, settings, os.path.join(out_dir, PLAN_FILE), key, ctx,
+                     force=force, progress=progress)
     results = quantize_tables(all_tables, settings.compress.config,
                               os.path.join(out_dir, "tables"), min_rows=settings.compress.min_rows,
-                              overwrite=force, progress=progress and ctx.is_main)
+                              overwrite=force, progress=progress and ctx.is_main,
+                              shapes=None if plan is None else {
+                                  t: (o.num_subspaces, o.codebook_size) if o.compressed else None
+                                  for t, o in plan.items()})
     compressed = {t: r for t, r in results.items() if r is not None}
     if ctx.is_main:
-        logger.info("compress: %d of %d tables have >= %d rows and are compressed: %s",
-                    len(compressed), len(weights), settings.compress.min_rows, sorted(compressed))
+        rule = (f"the plan for {settings.compress.target_ratio:g}x" if plan is not None
+                else f">= {settings.compress.min_rows} rows")
+        logger.info("compress: %d of %d tables compressed (%s): %s", len(compressed),
+                    len(weights), rule, sorted(compressed))
         out_tensors: Dict[str, torch.Tensor] = {}
         for t, r in compressed.items():
             out_tensors[f"{t}.codes"] = r.codes
             out_tensors[f"{t}.codebooks"] = r.codebooks
         meta = {"settings": asdict(settings.compress),
                 "tables": {t: r.stats.to_dict() for t, r in compressed.items()},
+                "plan": None if plan is None else {t: asdict(o) for t, o in plan.items()},
                 "full_tables": sorted(set(weights) - set(compressed))}
         save_artifact(out_uri, out_tensors, meta, COMPRESSED_KIND)
     barrier(ctx)
     return out_uri
+
+
+def _plan(
+    tables: Dict[str, Any],
+    settings: Settings,
+    uri: str,
+    key: str,
+    ctx: DistContext,
+    *,
+    force: bool,
+    progress: bool,
+) -> Dict[str, TableOption]:
+    """The budget plan: checked for reachability on every rank (so all fail alike), estimated
+    and saved on rank 0, read by all; a saved plan for the same inputs and settings is reused."""
+    s = settings.compress
+    check_ratio({t: tuple(w.shape) for t, (w, _) in tables.items()}, s.target_ratio,
+                s.codebook_sizes)
+    if ctx.is_main and (force or not g_pathmgr.exists(uri)
+                        or load_artifact(uri, expect_kind=PLAN_KIND)[1]["fingerprint"] != key):
+        plan = plan_tables(tables, s.config, s.target_ratio, codebook_sizes=s.codebook_sizes,
+                           progress=progress)
+        save_artifact(uri, {}, {"fingerprint": key,
+                                "plan": {t: asdict(o) for t, o in plan.items()}}, PLAN_KIND)
+    barrier(ctx)
+    _, meta = load_artifact(uri, expect_kind=PLAN_KIND)
+    plan = {t: TableOption(**o) for t, o in meta["plan"].items()}
+    if ctx.is_main:
+        for t, o in sorted(plan.items(), key=lambda kv: -kv[1].bytes):
+            shape = f"M={o.num_subspaces} K={o.codebook_size}" if o.compressed else "full"
+            logger.info("plan: %s %s, %d B, estimated error %.4g", t, shape, o.bytes, o.error)
+    return plan
 
 
 def load_compressed(compress_dir: str) -> Dict[str, CompressedTable]:

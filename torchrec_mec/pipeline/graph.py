@@ -166,7 +166,7 @@ STAGES: Tuple[Stage, ...] = (
           inputs=("data/",), outputs=_files("pretrain", MODEL_FILE, TABLES_FILE, COUNTS_FILE),
           reads=_pretrain_reads, body=_pretrain, needs_rows=("train",),
           check=lambda s, d, w: check_training("pretrain", s.pretrain, d, w)),
-    Stage("compress", "stage 2: MEC-quantize every table with >= min_rows rows",
+    Stage("compress", "stage 2: MEC-quantize the tables (a --target-ratio, or >= min_rows rows)",
           inputs=_files("pretrain", TABLES_FILE, COUNTS_FILE),
           outputs=_files("compress", COMPRESSED_FILE),
           reads=lambda c: c.need_settings().compress, body=_compress,

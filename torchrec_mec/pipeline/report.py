@@ -59,9 +59,11 @@ def build_report(run_dir: str) -> Dict[str, Any]:
     Keys: ``baseline`` and ``mec`` (``auc``, ``None`` where undefined; ``logloss``,
     ``num_samples``, ``num_positives``), ``auc_change`` (``None`` if either AUC is), ``warnings``
     (what makes the figures unreliable, e.g. a test split of one class), ``memory``
-    (``baseline_bytes``, ``mec_bytes``, ``ratio``), ``tables`` (per table: ``rows``, ``dim``,
-    ``compressed``, ``bytes_before``, ``bytes_after``, ``codes_bytes``, ``codebooks_bytes``,
-    ``quantizer`` statistics or ``None``), ``training`` (both histories), ``data``,
+    (``baseline_bytes``, ``mec_bytes``, ``ratio``, ``target_ratio`` or ``None``), ``tables``
+    (per table: ``rows``, ``dim``, ``compressed``, ``num_subspaces`` and ``codebook_size`` (0
+    when full), ``bytes_before``, ``bytes_after``, ``codes_bytes``, ``codebooks_bytes``,
+    ``quantizer`` statistics or ``None``, ``plan``: the budget allocator's choice and error
+    estimate, or ``None`` without a target ratio), ``training`` (both histories), ``data``,
     ``settings`` (as each stage recorded them), ``versions``, ``created``.
 
     Raises:
@@ -78,12 +80,16 @@ def build_report(run_dir: str) -> Dict[str, Any]:
     compressed = load_compressed(stage_dir(run_dir, "compress"))
     _, comp_meta = load_artifact(os.path.join(stage_dir(run_dir, "compress"), "compressed.mec"))
     metrics = read_metrics(os.path.join(stage_dir(run_dir, "evaluate"), METRICS_FILE))
+    plan = comp_meta.get("plan") or {}
     tables = {}
     for name, t in metrics["memory"]["tables"].items():
+        shape = compressed[name].codebooks.shape[:2] if name in compressed else (0, 0)
         tables[name] = {"rows": t["rows"], "dim": t["dim"], "compressed": t["compressed"],
+                        "num_subspaces": int(shape[0]), "codebook_size": int(shape[1]),
                         "bytes_before": t["baseline_bytes"], "bytes_after": t["total_bytes"],
                         "codes_bytes": t["codes_bytes"], "codebooks_bytes": t["codebooks_bytes"],
-                        "quantizer": compressed[name].stats if name in compressed else None}
+                        "quantizer": compressed[name].stats if name in compressed else None,
+                        "plan": plan.get(name)}
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": os.path.abspath(run_dir),
@@ -92,7 +98,8 @@ def build_report(run_dir: str) -> Dict[str, Any]:
         "auc_change": (None if metrics["mec"]["auc"] is None or metrics["baseline"]["auc"] is None
                        else metrics["mec"]["auc"] - metrics["baseline"]["auc"]),
         "warnings": metric_warnings(metrics["baseline"]),
-        "memory": {k: metrics["memory"][k] for k in ("baseline_bytes", "mec_bytes", "ratio")},
+        "memory": {**{k: metrics["memory"][k] for k in ("baseline_bytes", "mec_bytes", "ratio")},
+                   "target_ratio": comp_meta["settings"].get("target_ratio")},
         "tables": tables,
         "training": {"pretrain": {**pre["history"], "world_size": pre["world_size"]},
                      "finetune": {**fine["history"], "world_size": fine["world_size"]}},
@@ -247,13 +254,16 @@ def plot_memory(report: Mapping[str, Any], path: str) -> str:
             label="float32 table")
     ax.barh(y + 0.2, [t["bytes_after"] for _, t in tables], height=0.4, color="tab:orange",
             label="after MEC (codes + codebooks, or the full table)")
-    ax.set_yticks(y, [f"{n} ({t['rows']:,} rows){'' if t['compressed'] else ', full'}"
-                      for n, t in tables], fontsize="small")
+    ax.set_yticks(y, [f"{n} ({t['rows']:,} rows, "
+                      + (f"M={t['num_subspaces']} K={t['codebook_size']})" if t["compressed"]
+                         else "full)") for n, t in tables], fontsize="small")
     ax.invert_yaxis()
     ax.set_xscale("log")
     mem = report["memory"]
+    target = (f", target {mem['target_ratio']:g}x" if mem.get("target_ratio") is not None
+              else "")
     ax.set(xlabel="bytes", title=f"embedding memory: {_bytes(mem['baseline_bytes'])} -> "
-                                 f"{_bytes(mem['mec_bytes'])} ({mem['ratio']:.1f}x)")
+                                 f"{_bytes(mem['mec_bytes'])} ({mem['ratio']:.1f}x{target})")
     ax.legend(fontsize="small", loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

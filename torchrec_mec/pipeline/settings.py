@@ -24,6 +24,8 @@ from iopath.common.file_io import g_pathmgr
 from torchrec_mec.data import DEFAULT_MIN_COUNT, BadRowReport, SyntheticConfig
 from torchrec_mec.data.schema import check_fractions
 from torchrec_mec.models import ModelConfig
+from torchrec_mec.modules.quantized_embedding_configs import MAX_CODEBOOK_SIZE
+from torchrec_mec.quantize.budget import DEFAULT_CODEBOOK_SIZES, check_ratio
 from torchrec_mec.quantize.config import MECConfig
 
 logger = logging.getLogger(__name__)
@@ -111,7 +113,17 @@ class TrainSettings:
 class CompressSettings:
     """Stage 2: which tables are product-quantized, and how.
 
+    Two ways to say which tables: a memory budget (``target_ratio``), or by hand
+    (``min_rows`` and the quantizer's M and K).
+
     Args:
+        target_ratio (Optional[float]): the whole model's embedding memory (codes, codebooks
+            and full tables) must be at most its float32 size / ``target_ratio``; stage 2 then
+            decides for every table whether to compress it and with which M (any divisor of
+            the dimension) and K (in ``codebook_sizes``), where the bytes cut the
+            traffic-weighted error most (``torchrec_mec.quantize.budget``). ``min_rows`` and
+            the quantizer's M and K are then not used. None: decided by hand.
+        codebook_sizes (Tuple[int, ...]): the K the budget allocator considers.
         min_rows (int): tables with at least this many rows are compressed; smaller ones stay
             full (MEC's published code: 100,000). Must be >= the codebook size.
         method (str): ``"mec"`` (the quantizer as ``quantizer`` says) or ``"kmeans_pq"``
@@ -127,6 +139,8 @@ class CompressSettings:
         (500, 32, 0.0)
     """
 
+    target_ratio: Optional[float] = None
+    codebook_sizes: Tuple[int, ...] = DEFAULT_CODEBOOK_SIZES
     min_rows: int = 100_000
     method: str = "mec"
     quantizer: MECConfig = field(default_factory=MECConfig)
@@ -138,6 +152,13 @@ class CompressSettings:
 
     def __post_init__(self) -> None:
         self.quantizer.for_method(self.method)  # raises on an unknown method
+        object.__setattr__(self, "codebook_sizes", tuple(self.codebook_sizes))
+        if self.target_ratio is not None and not self.target_ratio >= 1:
+            raise ValueError(f"compress.target_ratio must be >= 1, got {self.target_ratio}")
+        if not self.codebook_sizes or not all(2 <= k <= MAX_CODEBOOK_SIZE
+                                              for k in self.codebook_sizes):
+            raise ValueError(f"compress.codebook_sizes must be in [2, {MAX_CODEBOOK_SIZE}], "
+                             f"got {self.codebook_sizes}")
         if self.min_rows < self.quantizer.codebook_size:
             raise ValueError(f"compress.min_rows ({self.min_rows}) must be >= the codebook size "
                              f"({self.quantizer.codebook_size}): a table needs at least K rows")
@@ -328,8 +349,10 @@ def check_training(section: str, train: TrainSettings, data: DataFacts, world_si
 
 
 def check_compress(settings: "Settings", data: DataFacts) -> None:
-    """Checks stage 2 against the table sizes before stage 1 starts: at least one table has
-    ``compress.min_rows`` rows (``min_rows >= K`` is checked with the settings).
+    """Checks stage 2 against the table sizes before stage 1 starts: ``compress.target_ratio``
+    can be reached (else ``BudgetError``, naming the smallest ratio that can), or, without
+    one, at least one table has ``compress.min_rows`` rows (``min_rows >= K`` is checked with
+    the settings).
 
     Example::
 
@@ -338,6 +361,10 @@ def check_compress(settings: "Settings", data: DataFacts) -> None:
         ...
         torchrec_mec.pipeline.settings.SettingsError: compress.min_rows is 100000 but the largest table (C1) has 600 rows: no table would be compressed; lower compress.min_rows (--min-rows) to at most 600 (and at least the codebook size 256)
     """
+    if settings.compress.target_ratio is not None:
+        check_ratio({f: (n, settings.model.embedding_dim) for f, n in data.num_embeddings.items()},
+                    settings.compress.target_ratio, settings.compress.codebook_sizes)
+        return
     min_rows = settings.compress.min_rows
     if data.num_embeddings and max(data.num_embeddings.values()) < min_rows:
         feature, rows = max(data.num_embeddings.items(), key=lambda kv: kv[1])

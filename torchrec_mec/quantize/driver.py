@@ -84,8 +84,10 @@ def quantize_tables(
     min_rows: int = DEFAULT_MIN_ROWS,
     overwrite: bool = False,
     progress: bool = True,
+    shapes: Optional[Mapping[str, Optional[Tuple[int, int]]]] = None,
 ) -> Dict[str, Optional[QuantizeResult]]:
-    """Quantizes every table with at least ``min_rows`` rows; the others are kept full.
+    """Quantizes every table with at least ``min_rows`` rows, with ``config``'s M and K, or
+    the tables ``shapes`` names, each with its own (M, K); the others are kept full.
 
     Each table gets the seed ``table_seed(config.seed, name)`` and its result is written to
     ``<out_dir>/<name>.mec`` (codes, codebooks, stats; checksummed, atomic). A table whose
@@ -102,10 +104,13 @@ def quantize_tables(
             Names may hold letters, digits, ``_``, ``.`` and ``-``. Every rank passes all tables.
         config (MECConfig): shared by all tables (seed is re-derived per table).
         out_dir (str): iopath URI of the folder for artifacts and checkpoints.
-        min_rows (int): smaller tables are not compressed.
+        min_rows (int): smaller tables are not compressed (unless ``shapes`` is given).
         overwrite (bool): quantize again even tables whose artifact is up to date (their
             epoch checkpoints are discarded too).
         progress (bool): show tqdm progress bars.
+        shapes (Optional[Mapping[str, Optional[Tuple[int, int]]]]): per table, (M, K) or None
+            (kept full), e.g. from ``torchrec_mec.quantize.budget.plan_tables``; replaces
+            ``min_rows`` and ``config``'s M and K. Tables it does not name are kept full.
 
     Returns:
         Dict[str, Optional[QuantizeResult]]: per table in ``tables``; None means kept full.
@@ -130,14 +135,24 @@ def quantize_tables(
         if not _TABLE_NAME.fullmatch(name):
             raise ValueError(f"table {name!r}: names may hold only letters, digits, '_', '.', '-'")
     rows = {name: int(weight.shape[0]) for name, (weight, _) in tables.items()}
-    compressed = {name: n for name, n in rows.items() if n >= min_rows}
-    for name in rows.keys() - compressed.keys():
-        logger.info("table %r: %d rows < min_rows %d, kept full", name, rows[name], min_rows)
+    if shapes is None:
+        compressed = {name: n for name, n in rows.items() if n >= min_rows}
+        for name in rows.keys() - compressed.keys():
+            logger.info("table %r: %d rows < min_rows %d, kept full", name, rows[name], min_rows)
+        shape = {name: (config.num_subspaces, config.codebook_size) for name in compressed}
+    else:
+        unknown = sorted(shapes.keys() - rows.keys())
+        if unknown:
+            raise ValueError(f"shapes name tables that are not given: {unknown}")
+        shape = {name: mk for name, mk in shapes.items() if mk is not None}
+        compressed = {name: rows[name] for name in shape}
 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     owner = assign_tables(compressed, world_size)
-    configs = {name: dataclasses.replace(config, seed=table_seed(config.seed, name))
+    configs = {name: dataclasses.replace(config, seed=table_seed(config.seed, name),
+                                         num_subspaces=shape[name][0],
+                                         codebook_size=shape[name][1])
                for name in compressed}
     fingerprints = {name: table_fingerprint(*tables[name], configs[name]) for name in compressed}
 

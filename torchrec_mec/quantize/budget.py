@@ -1,0 +1,381 @@
+"""The memory budget allocator: which tables to compress, with which M and K, to fit a ratio.
+
+Pure numerics (no process groups): per-table options with their bytes (as
+``QuantizedEmbeddingBagCollection.memory_report()`` counts them) and an estimate of their
+traffic-weighted reconstruction error go in; the choice per table that minimises the summed
+error within the byte budget comes out (a multiple-choice knapsack, solved exactly by dynamic
+programming over the budget cut into ``BUDGET_UNITS`` units).
+"""
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from tqdm import tqdm
+
+from torchrec_mec.modules.quantized_embedding_configs import code_dtype
+from torchrec_mec.quantize.config import MECConfig
+from torchrec_mec.quantize.kmeans import kmeans, nearest_codewords, weighted_sample
+from torchrec_mec.quantize.quantize_table import row_weights
+from torchrec_mec.quantize.driver import table_seed
+
+BUDGET_UNITS = 1 << 14
+"""A budget of more bytes is cut into this many units (a smaller one into bytes); an option's
+bytes are rounded up to whole units, so a plan always fits, and it spends at least
+``1 - tables / BUDGET_UNITS`` of what it could."""
+
+DEFAULT_CODEBOOK_SIZES: Tuple[int, ...] = (16, 64, 256)
+"""Codebook sizes the allocator considers by default: all with one-byte codes (K <= 256)."""
+
+
+class BudgetError(ValueError):
+    """A memory budget that no choice of options meets; names the smallest reachable ratio.
+
+    Example::
+
+        >>> tables = {"t": TableCosts(1000, (TableOption(2, 256, 100, 1.0),))}
+        >>> try:
+        ...     allocate(tables, target_ratio=20)
+        ... except BudgetError as e:
+        ...     print(e)
+        target ratio 20 cannot be met: the smallest embedding memory reachable is 100 B, 10.0x smaller than the float32 baseline of 1000 B (every table at its smallest option)
+    """
+
+
+@dataclass(frozen=True)
+class TableOption:
+    """One way to store a table.
+
+    Args:
+        num_subspaces (int): M; 0 for the full (uncompressed) table.
+        codebook_size (int): K; 0 for the full table.
+        bytes (int): memory of the table stored this way.
+        error (float): estimated traffic-weighted squared reconstruction error per lookup
+            (``sum_i n_i ||e_i - q_i||^2 / sum_i n_i``); 0 for the full table.
+
+    Example::
+
+        >>> TableOption(4, 256, bytes=4 * 1000 + 256 * 64 * 4, error=0.1).compressed
+        True
+    """
+
+    num_subspaces: int
+    codebook_size: int
+    bytes: int
+    error: float
+
+    @property
+    def compressed(self) -> bool:
+        return self.codebook_size > 0
+
+
+@dataclass(frozen=True)
+class TableCosts:
+    """A table's float32 size and its compressed options.
+
+    Args:
+        baseline_bytes (int): the float32 full table (``rows x dim x 4``); keeping the table
+            full is always an option, of error 0.
+        options (Tuple[TableOption, ...]): compressed options (may be empty).
+
+    Example::
+
+        >>> costs = TableCosts(1000, (TableOption(1, 16, 100, 0.5),))
+        >>> [o.bytes for o in costs.all_options()]
+        [1000, 100]
+    """
+
+    baseline_bytes: int
+    options: Tuple[TableOption, ...] = ()
+
+    def all_options(self) -> List[TableOption]:
+        """The full table first, then the compressed options."""
+        return [TableOption(0, 0, self.baseline_bytes, 0.0), *self.options]
+
+
+def table_bytes(num_rows: int, dim: int, num_subspaces: int, codebook_size: int) -> int:
+    """Bytes of a table as ``QuantizedEmbeddingBagCollection.memory_report()`` counts them: codes
+    ``rows x M`` of ``code_dtype(K)`` plus float32 codebooks ``K x dim``; or, for
+    ``codebook_size=0``, the float32 table ``rows x dim x 4``.
+
+    Example::
+
+        >>> table_bytes(100_000, 64, 4, 256), table_bytes(100_000, 64, 0, 0)
+        (465536, 25600000)
+    """
+    if codebook_size == 0:
+        return num_rows * dim * 4
+    itemsize = torch.empty(0, dtype=code_dtype(codebook_size)).element_size()
+    return num_rows * num_subspaces * itemsize + codebook_size * dim * 4
+
+
+def candidate_shapes(
+    num_rows: int, dim: int, codebook_sizes: Sequence[int] = DEFAULT_CODEBOOK_SIZES
+) -> List[Tuple[int, int]]:
+    """The (M, K) worth considering for a table: M any divisor of ``dim``, K in
+    ``codebook_sizes`` and at most ``num_rows``, stored in fewer bytes than the full table.
+
+    Example::
+
+        >>> candidate_shapes(1000, 4, codebook_sizes=(16, 256))
+        [(1, 16), (1, 256), (2, 16), (2, 256), (4, 16), (4, 256)]
+        >>> candidate_shapes(10, 4)  # K > rows: nothing to gain
+        []
+    """
+    full = table_bytes(num_rows, dim, 0, 0)
+    return [(m, k) for m in range(1, dim + 1) if dim % m == 0
+            for k in sorted(codebook_sizes)
+            if k <= num_rows and table_bytes(num_rows, dim, m, k) < full]
+
+
+@torch.no_grad()
+def estimate_errors(
+    weight: torch.Tensor,
+    counts: torch.Tensor,
+    shapes: Sequence[Tuple[int, int]],
+    *,
+    fit_weights: Optional[torch.Tensor] = None,
+    points_per_centroid: int = 64,
+    kmeans_iters: int = 10,
+    generator: Optional[torch.Generator] = None,
+) -> List[TableOption]:
+    """Each shape's bytes and its traffic-weighted squared error per lookup, measured cheaply:
+    weighted k-means product quantization on a sample of the table, scored on an independent
+    draw of rows by traffic (the id counts).
+
+    With S = ``points_per_centroid`` x the largest K of ``shapes``, the k-means uses the rows
+    of positive ``fit_weights`` (default: the counts, MEC's traffic weighting) with their
+    weights if there are at most S of them, else S draws by weight (each distinct row weighted
+    by how often it was drawn); the error is the weighted mean over S other draws by count (all
+    rows seen in training, weighted exactly, if there are at most S). A table no row of which
+    was seen is scored by uniform traffic.
+
+    Args:
+        weight (Tensor): [N, D] the table.
+        counts (Tensor): [N] training counts (the traffic).
+        shapes (Sequence[Tuple[int, int]]): (M, K) pairs to estimate.
+        fit_weights (Optional[Tensor]): [N] the quantizer's row weights (default: counts).
+        points_per_centroid (int): sample draws per codeword of the largest K.
+        kmeans_iters (int): Lloyd iterations per estimate.
+        generator (Optional[torch.Generator]): source of the draws (default: seed 0).
+
+    Returns:
+        List[TableOption]: one per shape, in order.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> table, counts = torch.randn(2000, 8, generator=g), torch.randint(0, 50, (2000,))
+        >>> opts = estimate_errors(table, counts, [(2, 16), (4, 16)], generator=g)
+        >>> [o.bytes for o in opts], opts[0].error > opts[1].error > 0
+        ([4512, 8512], True)
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    n, dim = weight.shape
+    traffic = counts.double()
+    if not float(traffic.sum()) > 0:
+        traffic = torch.ones(n, dtype=torch.float64)
+    fit = traffic if fit_weights is None else fit_weights.double()
+    if not float(fit.sum()) > 0:
+        fit = torch.ones(n, dtype=torch.float64)
+    sample_rows = points_per_centroid * max((k for _, k in shapes), default=1)
+    fit_rows, fit_w = _weighted_rows(fit, sample_rows, generator)
+    score_rows, score_w = _weighted_rows(traffic, sample_rows, generator)
+    # Standardised as the quantizer does, so k-means sees well-scaled numbers.
+    p = (fit_w / fit_w.sum()).float().unsqueeze(1)
+    x = weight[fit_rows].float()
+    mean = (p * x).sum(0)
+    scale = float((p * (x - mean).pow(2)).sum(0).mean().sqrt())
+    scale = scale if scale > 0 else 1.0
+    x = (x - mean) / scale
+    y = (weight[score_rows].float() - mean) / scale
+    out = []
+    for m, k in shapes:
+        codebooks, _ = kmeans(x, k, m, kmeans_iters, generator, fit_w.float())
+        codes = nearest_codewords(y, codebooks)
+        recon = codebooks[torch.arange(m), codes].flatten(1)
+        err = (y - recon).pow(2).sum(1).double() * scale**2
+        out.append(TableOption(m, k, table_bytes(n, dim, m, k),
+                               float((err * score_w).sum() / score_w.sum())))
+    return out
+
+
+def _weighted_rows(weights: torch.Tensor, size: int, generator: torch.Generator
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every row of positive weight with its weight if at most ``size``; else ``size`` draws
+    by weight, each distinct row weighted by how often it was drawn."""
+    rows = weights.nonzero().squeeze(1)
+    if rows.numel() <= size:
+        return rows, weights[rows]
+    drawn, times = torch.unique(weighted_sample(weights, size, generator), return_counts=True)
+    return drawn, times.double()
+
+
+def check_ratio(
+    sizes: Mapping[str, Tuple[int, int]],
+    target_ratio: float,
+    codebook_sizes: Sequence[int] = DEFAULT_CODEBOOK_SIZES,
+) -> None:
+    """Raises :class:`BudgetError` if no plan of :func:`plan_tables` can reach
+    ``target_ratio`` for tables of these (rows, dim): a check on sizes alone, before any error
+    is estimated.
+
+    Example::
+
+        >>> check_ratio({"t": (100_000, 64)}, target_ratio=200)  # 1 byte a row: 250x at most
+        >>> try:
+        ...     check_ratio({"t": (100_000, 64)}, target_ratio=300)
+        ... except BudgetError as e:
+        ...     print(str(e).split(":")[1])
+         the smallest embedding memory reachable is 104096 B, 245.9x smaller than the float32 baseline of 25600000 B (every table at its smallest option)
+    """
+    costs = {name: TableCosts(table_bytes(n, dim, 0, 0), tuple(
+        TableOption(m, k, table_bytes(n, dim, m, k), 0.0)
+        for m, k in candidate_shapes(n, dim, codebook_sizes)))
+        for name, (n, dim) in sizes.items()}
+    _smallest_fits(costs, target_ratio)
+
+
+def _smallest_fits(tables: Mapping[str, TableCosts], target_ratio: float) -> None:
+    if not tables:
+        raise ValueError("allocate: no tables")
+    if not target_ratio >= 1:
+        raise ValueError(f"target ratio must be >= 1, got {target_ratio}")
+    baseline = sum(t.baseline_bytes for t in tables.values())
+    smallest = sum(min(o.bytes for o in t.all_options()) for t in tables.values())
+    if smallest > baseline / target_ratio:
+        raise BudgetError(
+            f"target ratio {target_ratio:g} cannot be met: the smallest embedding memory "
+            f"reachable is {smallest} B, {baseline / smallest:.1f}x smaller than the float32 "
+            f"baseline of {baseline} B (every table at its smallest option)")
+
+
+def allocate(tables: Mapping[str, TableCosts], target_ratio: float) -> Dict[str, TableOption]:
+    """The option per table that minimises the summed error with total bytes at most the
+    float32 baseline (the sum of ``baseline_bytes``) divided by ``target_ratio``.
+
+    Exact up to rounding each option's bytes up to a whole unit of ``budget / BUDGET_UNITS``
+    (exact for budgets of at most ``BUDGET_UNITS`` bytes); the plan always fits. Among plans of
+    least error the one of fewest units wins. Keeping a table full is an option of every
+    table.
+
+    Args:
+        tables (Mapping[str, TableCosts]): per table, its baseline and compressed options.
+        target_ratio (float): baseline bytes / allowed bytes, >= 1.
+
+    Returns:
+        Dict[str, TableOption]: the chosen option per table.
+
+    Raises:
+        BudgetError: even the smallest option of every table exceeds the budget; the message
+            names the smallest reachable ratio.
+        ValueError: ``target_ratio`` < 1 or no tables.
+
+    Example::
+
+        >>> tables = {"big": TableCosts(10_000, (TableOption(1, 16, 1_000, 4.0),
+        ...                                      TableOption(2, 16, 2_000, 1.0))),
+        ...           "small": TableCosts(1_000, (TableOption(1, 16, 200, 3.0),))}
+        >>> plan = allocate(tables, target_ratio=11_000 / 3_000)
+        >>> {t: (o.num_subspaces, o.bytes) for t, o in plan.items()}
+        {'big': (2, 2000), 'small': (0, 1000)}
+    """
+    _smallest_fits(tables, target_ratio)
+    budget = sum(t.baseline_bytes for t in tables.values()) / target_ratio
+    names = sorted(tables)
+    options = {name: _frontier(tables[name].all_options()) for name in names}
+    capacity = min(BUDGET_UNITS, math.floor(budget))
+    unit = budget / BUDGET_UNITS if capacity == BUDGET_UNITS else 1.0
+    # best[c]: least error of the tables so far within c units; choice[t][c]: option index.
+    best = torch.zeros(capacity + 1, dtype=torch.float64)
+    choices = []
+    for name in names:
+        opts = options[name]
+        new = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
+        pick = torch.full((capacity + 1,), -1, dtype=torch.long)
+        for i, opt in enumerate(opts):
+            cost = math.ceil(opt.bytes / unit - 1e-9)
+            if cost > capacity:
+                continue
+            cand = torch.full((capacity + 1,), math.inf, dtype=torch.float64)
+            cand[cost:] = best[: capacity + 1 - cost] + opt.error
+            better = cand < new
+            new[better], pick[better] = cand[better], i
+        best = new
+        choices.append(pick)
+    if not math.isfinite(float(best[capacity])):
+        # Rounding up lost the last few units: the smallest options fit, take them.
+        return {name: options[name][0] for name in names}
+    plan: Dict[str, TableOption] = {}
+    # best[] does not increase with c: the fewest units that reach the least error.
+    c = int((best <= best[capacity]).nonzero()[0])
+    for name, pick in zip(reversed(names), reversed(choices)):
+        opt = options[name][int(pick[c])]
+        plan[name] = opt
+        c -= math.ceil(opt.bytes / unit - 1e-9)
+    return dict(sorted(plan.items()))
+
+
+def _frontier(options: Sequence[TableOption]) -> List[TableOption]:
+    """Options that no other option beats in both bytes and error, by bytes ascending."""
+    out: List[TableOption] = []
+    for opt in sorted(options, key=lambda o: (o.bytes, o.error)):
+        if not out or opt.error < out[-1].error:
+            out.append(opt)
+    return out
+
+
+def plan_tables(
+    tables: Mapping[str, Tuple[torch.Tensor, torch.Tensor]],
+    config: MECConfig,
+    target_ratio: float,
+    *,
+    codebook_sizes: Sequence[int] = DEFAULT_CODEBOOK_SIZES,
+    progress: bool = True,
+) -> Dict[str, TableOption]:
+    """Decides for every table whether to compress it and with which M and K, so that all
+    tables together take at most their float32 size / ``target_ratio``, spending bytes where
+    they cut the traffic-weighted error most.
+
+    Each table's candidates (:func:`candidate_shapes`) get an error estimate
+    (:func:`estimate_errors`, k-means fitted with ``config.weighting``'s row weights, seeded
+    by ``table_seed(config.seed, name)``), then :func:`allocate` picks one option per table.
+
+    Args:
+        tables (Mapping[str, Tuple[Tensor, Tensor]]): name -> (weight [N, D], counts [N]).
+        config (MECConfig): the quantizer that will run (its weighting and seed are used).
+        target_ratio (float): float32 bytes / allowed bytes.
+        codebook_sizes (Sequence[int]): the K considered.
+        progress (bool): show a progress bar over tables.
+
+    Returns:
+        Dict[str, TableOption]: per table; ``codebook_size == 0`` means kept full.
+
+    Raises:
+        BudgetError: the ratio cannot be reached; names the smallest one that can.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> tables = {"big": (torch.randn(5000, 8, generator=g), torch.randint(0, 9, (5000,))),
+        ...           "tiny": (torch.randn(20, 8, generator=g), torch.randint(0, 9, (20,)))}
+        >>> plan = plan_tables(tables, MECConfig(), target_ratio=8, progress=False)
+        >>> plan["tiny"].compressed, plan["big"].compressed
+        (False, True)
+        >>> sum(o.bytes for o in plan.values()) <= 5020 * 8 * 4 / 8
+        True
+    """
+    costs: Dict[str, TableCosts] = {}
+    for name in tqdm(sorted(tables), desc="plan: estimating errors", unit="table",
+                     disable=not progress, leave=False):
+        weight, counts = tables[name]
+        n, dim = weight.shape
+        shapes = candidate_shapes(n, dim, codebook_sizes)
+        options: Tuple[TableOption, ...] = ()
+        if shapes:
+            generator = torch.Generator().manual_seed(table_seed(config.seed, name))
+            options = tuple(estimate_errors(
+                weight, counts, shapes, fit_weights=row_weights(counts, config.weighting),
+                generator=generator))
+        costs[name] = TableCosts(table_bytes(n, dim, 0, 0), options)
+    return allocate(costs, target_ratio)
