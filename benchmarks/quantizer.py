@@ -9,6 +9,7 @@ MSE, and code usage (mean perplexity per codebook, dead codewords).
     PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --ablation      # + each part off
     PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --rows 10000000 # the 10M x 64 case
     PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --driver        # 1 vs 2 processes
+    PYTHONPATH=. .venv/bin/python benchmarks/quantizer.py --search        # nearest codewords
 
 The synthetic table imitates a trained CTR table: ids have power-law (Zipf) counts; an id's
 row is its cluster's centre scaled by how well it was trained (log of its count) plus noise,
@@ -158,6 +159,41 @@ def driver_benchmark(args: argparse.Namespace) -> None:
           f"{', '.join(f'{r[1]:.1f}s' for r in ranks)}); speed-up {single / wall:.2f}x")
 
 
+def search_benchmark(args: argparse.Namespace) -> None:
+    """The nearest-codeword search (``nearest_codewords``: cache-sized blocks, ``min``) against
+    the same search in blocks of ``SEARCH_BUDGET`` floats with ``argmin`` (what it was), on
+    the same rows and codebooks; the codes must agree."""
+    from torchrec_mec.quantize.kmeans import SEARCH_BUDGET, nearest_codewords
+
+    def large_blocks(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+        m, k, d = codebooks.shape
+        rows = max(1, SEARCH_BUDGET // (m * k))
+        cb_t, cb_sq = codebooks.transpose(1, 2), codebooks.pow(2).sum(-1).unsqueeze(1)
+        out = torch.empty(x.shape[0], m, dtype=torch.long)
+        for start in range(0, x.shape[0], rows):
+            xs = x[start:start + rows].view(-1, m, d).transpose(0, 1)
+            out[start:start + rows] = torch.baddbmm(cb_sq, xs, cb_t, alpha=-2.0).argmin(-1).T
+        return out
+
+    g = torch.Generator().manual_seed(0)
+    print(f"{'M x K, D':<16} {'before ms':>10} {'after ms':>10} {'speed-up':>9}")
+    for case in args.cases.split(","):
+        m, k = (int(v) for v in case.split("x"))
+        x = torch.randn(args.rows, args.dim, generator=g)
+        codebooks = torch.randn(m, k, args.dim // m, generator=g)
+        times = {}
+        for name, fn in (("before", large_blocks), ("after", nearest_codewords)):
+            fn(x[:4096], codebooks)
+            started = time.perf_counter()
+            codes = fn(x, codebooks)
+            times[name] = (time.perf_counter() - started) * 1000
+            if name == "before":
+                reference = codes
+        assert torch.equal(codes, reference)
+        print(f"{m} x {k}, {args.dim:<8} {times['before']:>10.0f} {times['after']:>10.0f} "
+              f"{times['before'] / times['after']:>8.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -173,9 +209,16 @@ def main() -> None:
     p.add_argument("--tables", type=int, default=4)
     p.add_argument("--epochs", type=int, default=MECConfig.epochs, help="most epochs of MEC")
     p.add_argument("--threads-per-rank", type=int, default=1)
+    p.add_argument("--search", action="store_true",
+                   help="time the nearest-codeword search alone, before and after blocking")
     args = p.parse_args()
     if args.driver:
         driver_benchmark(args)
+        return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.search:
+        search_benchmark(args)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

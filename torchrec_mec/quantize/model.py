@@ -141,7 +141,7 @@ class MECQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """Encodes standardised rows x [B, D] and quantizes z to its nearest codewords."""
         z = self.encode(x)
-        codes = nearest_codewords(z.detach(), self.codebooks.detach(), z.shape[0])
+        codes = nearest_codewords(z.detach(), self.codebooks.detach())
         return QuantizerOutput(z=z, codes=codes, q=self.lookup(codes))
 
     def assignment_logits(self, z: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -161,7 +161,7 @@ class MECQuantizer(nn.Module):
         out = torch.empty(rows.shape[0], self.num_subspaces, dtype=torch.long)
         for start in range(0, rows.shape[0], rows_per_chunk):
             z = self.encode(self.standardize(rows[start : start + rows_per_chunk]))
-            out[start : start + rows_per_chunk] = nearest_codewords(z, self.codebooks, z.shape[0])
+            out[start : start + rows_per_chunk] = nearest_codewords(z, self.codebooks)
         return out
 
     @torch.no_grad()
