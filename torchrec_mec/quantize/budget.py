@@ -27,6 +27,9 @@ bytes are rounded up to whole units, so a plan always fits, and it spends at lea
 DEFAULT_CODEBOOK_SIZES: Tuple[int, ...] = (16, 64, 256)
 """Codebook sizes the allocator considers by default: all with one-byte codes (K <= 256)."""
 
+SMALL_K_SAVING = 0.05
+"""A smaller K of the same code width is a candidate only if it saves this share of bytes."""
+
 
 class BudgetError(ValueError):
     """A memory budget that no choice of options meets; names the smallest reachable ratio.
@@ -114,18 +117,34 @@ def candidate_shapes(
 ) -> List[Tuple[int, int]]:
     """The (M, K) worth considering for a table: M any divisor of ``dim``, K in
     ``codebook_sizes`` and at most ``num_rows``, stored in fewer bytes than the full table.
+    A K smaller than the largest K of the same code width (one or two bytes) saves only
+    codebook bytes, so it is kept only where that saves at least ``SMALL_K_SAVING`` of the
+    larger option's bytes (small tables, whose codebooks weigh as much as their codes).
 
     Example::
 
         >>> candidate_shapes(1000, 4, codebook_sizes=(16, 256))
         [(1, 16), (1, 256), (2, 16), (2, 256), (4, 16), (4, 256)]
+        >>> candidate_shapes(10**6, 4, codebook_sizes=(16, 256))  # codebooks weigh nothing
+        [(1, 256), (2, 256), (4, 256)]
         >>> candidate_shapes(10, 4)  # K > rows: nothing to gain
         []
     """
     full = table_bytes(num_rows, dim, 0, 0)
-    return [(m, k) for m in range(1, dim + 1) if dim % m == 0
-            for k in sorted(codebook_sizes)
-            if k <= num_rows and table_bytes(num_rows, dim, m, k) < full]
+    sizes = sorted(k for k in codebook_sizes if k <= num_rows)
+    out = []
+    for m in range(1, dim + 1):
+        if dim % m:
+            continue
+        for k in sizes:
+            largest = max(j for j in sizes if code_dtype(j) == code_dtype(k))
+            nbytes = table_bytes(num_rows, dim, m, k)
+            if nbytes >= full or (
+                    k < largest and table_bytes(num_rows, dim, m, largest) - nbytes
+                    < SMALL_K_SAVING * table_bytes(num_rows, dim, m, largest)):
+                continue
+            out.append((m, k))
+    return out
 
 
 @torch.no_grad()

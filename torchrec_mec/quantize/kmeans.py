@@ -45,7 +45,8 @@ def nearest_codewords(
     n = x.shape[0]
     if x.dim() != 2 or x.shape[1] != num_subspaces * sub_dim:
         raise ValueError(f"x must be [N, {num_subspaces * sub_dim}], got {list(x.shape)}")
-    rows = chunk_rows or max(1, CACHE_BUDGET // (num_subspaces * codebook_size))
+    # At least 128 rows a block: fewer make the per-call overhead count (large M x K).
+    rows = chunk_rows or max(128, CACHE_BUDGET // (num_subspaces * codebook_size))
     cb_t = codebooks.transpose(1, 2)  # [M, d, K]
     cb_sq = codebooks.pow(2).sum(-1).unsqueeze(1)  # [M, 1, K]
     out = torch.empty(n, num_subspaces, dtype=torch.long)
@@ -109,18 +110,20 @@ def kmeans(
     w = torch.ones(n) if weights is None else weights.float()
     if w.shape != (n,) or not bool((w >= 0).all()) or not float(w.sum()) > 0:
         raise ValueError(f"kmeans: weights must be [{n}], >= 0 and not all 0")
-    codebooks = torch.stack(
-        [_kmeans_pp(subs[:, m], w, codebook_size, generator) for m in range(num_subspaces)]
-    )
+    codebooks = _kmeans_pp(subs, w, codebook_size, generator)
+    offsets = (torch.arange(num_subspaces) * codebook_size).unsqueeze(0)  # [1, M]
+    weighted = (subs * w.view(n, 1, 1)).reshape(-1, sub_dim)
     for _ in range(iters):
-        codes = nearest_codewords(x, codebooks)
+        # All subspaces' sums in one index_add over the [M * K] flattened codewords.
+        flat = (nearest_codewords(x, codebooks) + offsets).view(-1)
+        sums = torch.zeros(num_subspaces * codebook_size, sub_dim).index_add_(0, flat, weighted)
+        mass = torch.zeros(num_subspaces * codebook_size).index_add_(
+            0, flat, w.repeat_interleave(num_subspaces))
+        used = mass > 0
+        flat_books = codebooks.view(-1, sub_dim)
+        flat_books[used] = sums[used] / mass[used].unsqueeze(1)
         for m in range(num_subspaces):
-            sums = torch.zeros(codebook_size, sub_dim).index_add_(
-                0, codes[:, m], subs[:, m] * w.unsqueeze(1))
-            mass = torch.zeros(codebook_size).index_add_(0, codes[:, m], w)
-            used = mass > 0
-            codebooks[m, used] = sums[used] / mass[used].unsqueeze(1)
-            empty = (~used).nonzero().squeeze(1)
+            empty = (~used.view(num_subspaces, codebook_size)[m]).nonzero().squeeze(1)
             if empty.numel():
                 pick = weighted_sample(w, empty.numel(), generator)
                 codebooks[m, empty] = subs[pick, m]
@@ -130,17 +133,25 @@ def kmeans(
     return codebooks, distortion
 
 
-def _kmeans_pp(x: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator
+def _kmeans_pp(subs: torch.Tensor, w: torch.Tensor, k: int, generator: torch.Generator
                ) -> torch.Tensor:
-    """Weighted k-means++ seeding of ``k`` centroids among the rows of ``x`` [n, d]."""
-    centers = torch.empty(k, x.shape[1])
-    first = int(weighted_sample(w, 1, generator))
-    centers[0] = x[first]
-    d2 = (x - centers[0]).pow(2).sum(1)
+    """Weighted k-means++ seeding of ``k`` centroids in each subspace of ``subs`` [n, M, d],
+    all subspaces at once (one draw per subspace per step): [M, k, d]."""
+    n, m_all, _ = subs.shape
+    subs_t = subs.transpose(0, 1)  # [M, n, d]
+    centers = torch.empty(m_all, k, subs.shape[2])
+    rows = torch.arange(m_all)
+    first = weighted_sample(w, m_all, generator)
+    centers[:, 0] = subs_t[rows, first]
+    d2 = (subs_t - centers[:, :1]).pow(2).sum(-1)  # [M, n]
+    w64 = w.double().unsqueeze(0)
     for j in range(1, k):
-        p = d2 * w
-        # every weighted point already is a centroid: any weighted point will do
-        idx = int(weighted_sample(p if float(p.max()) > 0 else w, 1, generator))
-        centers[j] = x[idx]
-        d2 = torch.minimum(d2, (x - centers[j]).pow(2).sum(1))
+        p = d2.double() * w64
+        # a subspace where every weighted point already is a centroid: any weighted point
+        p = torch.where(p.amax(1, keepdim=True) > 0, p, w64.expand_as(p))
+        cdf = torch.cumsum(p, 1)
+        u = torch.rand(m_all, 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
+        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=n - 1).squeeze(1)
+        centers[:, j] = subs_t[rows, idx]
+        d2 = torch.minimum(d2, (subs_t - centers[:, j:j + 1]).pow(2).sum(-1))
     return centers
