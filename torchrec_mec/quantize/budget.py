@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from torchrec_mec.modules.quantized_embedding_configs import code_dtype
 from torchrec_mec.quantize.config import MECConfig
-from torchrec_mec.quantize.kmeans import kmeans, nearest_codewords, weighted_sample
+from torchrec_mec.quantize.kmeans import kmeans, nearest_codewords, weighted_rows
 from torchrec_mec.quantize.quantize_table import row_weights
 from torchrec_mec.quantize.driver import table_seed
 
@@ -198,8 +198,8 @@ def estimate_errors(
     if not float(fit.sum()) > 0:
         fit = torch.ones(n, dtype=torch.float64)
     sample_rows = points_per_centroid * max((k for _, k in shapes), default=1)
-    fit_rows, fit_w = _weighted_rows(fit, sample_rows, generator)
-    score_rows, score_w = _weighted_rows(traffic, sample_rows, generator)
+    fit_rows, fit_w = weighted_rows(fit, sample_rows, generator)
+    score_rows, score_w = weighted_rows(traffic, sample_rows, generator)
     # Standardised as the quantizer does, so k-means sees well-scaled numbers.
     p = (fit_w / fit_w.sum()).float().unsqueeze(1)
     x = weight[fit_rows].float()
@@ -217,17 +217,6 @@ def estimate_errors(
         out.append(TableOption(m, k, table_bytes(n, dim, m, k),
                                float((err * score_w).sum() / score_w.sum())))
     return out
-
-
-def _weighted_rows(weights: torch.Tensor, size: int, generator: torch.Generator
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Every row of positive weight with its weight if at most ``size``; else ``size`` draws
-    by weight, each distinct row weighted by how often it was drawn."""
-    rows = weights.nonzero().squeeze(1)
-    if rows.numel() <= size:
-        return rows, weights[rows]
-    drawn, times = torch.unique(weighted_sample(weights, size, generator), return_counts=True)
-    return drawn, times.double()
 
 
 def check_ratio(

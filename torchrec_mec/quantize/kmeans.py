@@ -70,6 +70,28 @@ def weighted_sample(weights: torch.Tensor, n: int, generator: torch.Generator) -
     return torch.searchsorted(cdf, u, right=True).clamp_(max=weights.numel() - 1)
 
 
+def weighted_rows(weights: torch.Tensor, size: int, generator: torch.Generator
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows standing for a weighted set in at most ``size`` points: every row of positive
+    weight with its weight if there are at most ``size`` of them; otherwise ``size`` draws by
+    weight (with replacement), each distinct row weighted by how often it was drawn.
+
+    Example::
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> weighted_rows(torch.tensor([0.0, 2.0, 5.0]), 8, g)
+        (tensor([1, 2]), tensor([2., 5.]))
+        >>> rows, times = weighted_rows(torch.tensor([0.0, 2.0, 5.0]), 1, g)
+        >>> rows.numel(), float(times.sum())
+        (1, 1.0)
+    """
+    rows = weights.nonzero().squeeze(1)
+    if rows.numel() <= size:
+        return rows, weights[rows]
+    drawn, times = torch.unique(weighted_sample(weights, size, generator), return_counts=True)
+    return drawn, times.to(weights.dtype)
+
+
 def kmeans(
     x: torch.Tensor,
     codebook_size: int,

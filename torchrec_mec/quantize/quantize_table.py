@@ -15,7 +15,12 @@ from tqdm import tqdm
 from torchrec_mec.artifacts import load_artifact, save_artifact
 from torchrec_mec.modules.quantized_embedding_configs import code_dtype
 from torchrec_mec.quantize.config import MECConfig
-from torchrec_mec.quantize.kmeans import nearest_codewords, search_chunk_rows, weighted_sample
+from torchrec_mec.quantize.kmeans import (
+    nearest_codewords,
+    search_chunk_rows,
+    weighted_rows,
+    weighted_sample,
+)
 from torchrec_mec.quantize.losses import (
     commitment_loss,
     contrastive_loss,
@@ -218,7 +223,7 @@ def quantize_table(
     state = _load_checkpoint(checkpoint_uri, fingerprint, model, optimizer, generator, name)
     resumed_from = state.epoch if state is not None else 0
     if state is None:
-        rows, row_w = _kmeans_sample(
+        rows, row_w = weighted_rows(
             pop, config.kmeans_points_per_centroid * config.codebook_size, generator)
         model.init_from_sample(weight[rows], config.kmeans_iters, generator, config.kmeans_init,
                                weights=row_w)
@@ -313,19 +318,6 @@ def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, nam
     for start in range(0, n, 1 << 20):  # chunked: no N x D boolean temporary
         if not bool(weight[start : start + (1 << 20)].isfinite().all()):
             fail("weight has NaN or infinite values")
-
-
-def _kmeans_sample(
-    weights: torch.Tensor, size: int, generator: torch.Generator
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rows and weights for the weighted k-means: every row of positive weight, with its
-    weight, if there are at most ``size`` of them; otherwise ``size`` draws by weight (with
-    replacement), each distinct row weighted by how often it was drawn."""
-    rows = weights.nonzero().squeeze(1)
-    if rows.numel() <= size:
-        return rows, weights[rows]
-    drawn, times = torch.unique(weighted_sample(weights, size, generator), return_counts=True)
-    return drawn, times.float()
 
 
 def _eval_sample(
