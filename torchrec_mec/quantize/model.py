@@ -2,6 +2,7 @@
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchrec_mec.quantize.kmeans import (
@@ -135,8 +136,13 @@ class MECQuantizer(nn.Module):
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Concatenated standardised codewords for codes [..., M] -> [..., D] (with gradient)."""
-        sub = self.codebooks[torch.arange(self.num_subspaces), codes]  # [..., M, d]
-        return sub.flatten(-2)
+        # An embedding lookup in the [M * K, d] view, not codebooks[arange(M), codes]: the
+        # backward of advanced indexing on CPU sums with atomic adds across threads, so its
+        # float sums (and the whole training run) changed from call to call with 2 threads;
+        # embedding's backward adds each codeword's rows in a fixed order at any thread count.
+        flat = self.codebooks.view(self.num_subspaces * self.codebook_size, self.sub_dim)
+        offsets = torch.arange(self.num_subspaces, device=codes.device) * self.codebook_size
+        return F.embedding(codes + offsets, flat).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> QuantizerOutput:
         """Encodes standardised rows x [B, D] and quantizes z to its nearest codewords."""
