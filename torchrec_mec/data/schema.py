@@ -163,16 +163,49 @@ class RawChunk:
         lines (np.ndarray): int64 [n], 1-based line numbers in the file.
         labels (np.ndarray): float32 [n], 0 or 1.
         dense (np.ndarray): float32 [n, num_dense], already transformed (log1p for Criteo).
-        sparse (List[List[str]]): ``num_sparse`` columns of n raw categorical values.
+        sparse (List[np.ndarray]): ``num_sparse`` columns of n raw categorical values: numpy
+            bytes arrays when every value is ASCII (``.astype(str)`` gives the strings), else
+            object arrays of ``str``.
     """
 
     lines: np.ndarray
     labels: np.ndarray
     dense: np.ndarray
-    sparse: List[List[str]]
+    sparse: List[np.ndarray]
 
     def __len__(self) -> int:
         return len(self.lines)
+
+
+def concat_chunks(chunks: Sequence[RawChunk]) -> Optional[RawChunk]:
+    """The rows of ``chunks`` as one chunk in line order; ``None`` if there are none.
+
+    Example::
+
+        >>> a = RawChunk(np.array([1, 4]), np.ones(2, np.float32), np.zeros((2, 0), np.float32),
+        ...              [np.array([b"x", b"y"])])
+        >>> b = RawChunk(np.array([2]), np.zeros(1, np.float32), np.zeros((1, 0), np.float32),
+        ...              [np.array(["caf\u00e9"], dtype=object)])
+        >>> c = concat_chunks([a, b])
+        >>> c.lines.tolist(), c.labels.tolist(), c.sparse[0].tolist()
+        ([1, 2, 4], [1.0, 0.0, 1.0], ['x', 'café', 'y'])
+    """
+    chunks = [c for c in chunks if len(c)]
+    if len(chunks) <= 1:
+        return chunks[0] if chunks else None
+    lines = np.concatenate([c.lines for c in chunks])
+    order = np.argsort(lines, kind="stable")
+    sparse = []
+    for k in range(len(chunks[0].sparse)):
+        parts = [c.sparse[k].astype(str) if c.sparse[k].dtype.kind == "S" else c.sparse[k]
+                 for c in chunks]
+        sparse.append(np.concatenate([p.astype(object) for p in parts])[order])
+    return RawChunk(
+        lines=lines[order],
+        labels=np.concatenate([c.labels for c in chunks])[order],
+        dense=np.concatenate([c.dense for c in chunks])[order],
+        sparse=sparse,
+    )
 
 
 def report_issues(report: BadRowReport, path: str,
