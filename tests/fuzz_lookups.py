@@ -2,8 +2,8 @@
 tests/test_lookup_fuzz.py, so that a crash fails that test instead of killing pytest.
 
 Every case is a random KJT for one of four collections (SUM, MEAN, weighted, mixed pooling; uint8
-and uint16 codes, full and shared tables), with int32 or int64 ids, keys in random order, empty
-bags, and one of the faults below or none. Valid cases are compared with a float64 reference
+and uint16 codes, full and shared tables, one with a fallback table for new ids), with int32 or
+int64 ids, keys in random order, empty bags, and one of the faults below or none. Valid cases are compared with a float64 reference
 (decoded tables, ``F.embedding_bag`` in float64: no library code); invalid ones must raise a
 ValueError whose message this script predicts from the input alone. Some cases call the
 operator directly with offsets no KJT would produce, or its backward with corrupt saved codes.
@@ -29,19 +29,23 @@ from torchrec_mec.modules import ProductQuantizedTable
 FAULTS = ("none", "negative_length", "huge_length", "lengths_over", "lengths_under", "bad_id",
           "extreme_id", "bad_code", "raw_offsets", "corrupt_saved_codes")
 HUGE = [2**31 - 1, -(2**31), 2**62, -(2**62), 2**63 - 1, -(2**63)]
+# The operator's fallback arguments for one table of 10 rows without a fallback table.
+NO_FALLBACK = ([torch.empty(0, 0)], [torch.empty(0, dtype=torch.int64)], [10])
 
 
 def collection(pooling: Optional[PoolingType], weighted: bool, seed: int):
     """A QEBC with random codes and parameters; ``pooling=None`` mixes SUM and MEAN."""
-    def cfg(name, rows, dim, features, m=1, k=0, pool=PoolingType.SUM):
+    def cfg(name, rows, dim, features, m=1, k=0, pool=PoolingType.SUM, **new_ids):
         return QuantizedEmbeddingBagConfig(name=name, num_embeddings=rows, embedding_dim=dim,
                                            feature_names=features, num_subspaces=m,
-                                           codebook_size=k, pooling=pooling or pool)
+                                           codebook_size=k, pooling=pooling or pool, **new_ids)
     configs = [
         cfg("pq8", 40, 8, ["a", "a2"], m=4, k=16),                       # shared, uint8 codes
         cfg("pq16", 30, 6, ["b"], m=3, k=300, pool=PoolingType.MEAN),    # uint16 codes
         cfg("full", 20, 4, ["c"]),                                        # full table
         cfg("pq_reg", 25, 16, ["d"], m=4, k=256),                        # register-sum shape
+        # ids 20..31 are new: 2 of them promoted, the others read 3 fallback rows
+        cfg("pq_fb", 32, 8, ["e"], m=2, k=16, coded_rows=20, fallback_rows=3, promotion_slots=4),
     ]
     qebc = QuantizedEmbeddingBagCollection(configs, is_weighted=weighted)
     gen = torch.Generator().manual_seed(seed)
@@ -51,9 +55,20 @@ def collection(pooling: Optional[PoolingType], weighted: bool, seed: int):
                 module.codes.copy_(torch.randint(0, module.codebook_size, module.codes.shape,
                                                  generator=gen).to(module.codes.dtype))
                 module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
+                if module.fallback is not None:
+                    module.fallback.copy_(torch.randn(module.fallback.shape, generator=gen))
+                    module.promote(torch.tensor([29, 23]), module.codes[:2].clone())
             else:
                 module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
     return qebc, configs
+
+
+def code_row(module, v: int) -> Optional[int]:
+    """The row of ``codes`` id ``v`` reads, or None when it reads a fallback row (plain Python)."""
+    if module.fallback is None or v < module.coded_rows:
+        return v
+    promoted = module.promoted_ids.tolist()
+    return module.coded_rows + promoted.index(v) if v in promoted else None
 
 
 def decoded64(qebc) -> Dict[str, torch.Tensor]:
@@ -63,7 +78,13 @@ def decoded64(qebc) -> Dict[str, torch.Tensor]:
         if isinstance(module, ProductQuantizedTable):
             codes = module.codes.to(torch.int64)
             books = module.codebooks.detach().double()
-            out[name] = torch.cat([books[m][codes[:, m]] for m in range(books.shape[0])], dim=1)
+            decoded = torch.cat([books[m][codes[:, m]] for m in range(books.shape[0])], dim=1)
+            rows = []
+            for v in range(module.num_embeddings):
+                row = code_row(module, v)
+                rows.append(decoded[row] if row is not None else module.fallback.detach().double()[
+                    (v - module.coded_rows) % module.fallback.shape[0]])
+            out[name] = torch.stack(rows)
         else:
             out[name] = module.weight.detach().double()
     return out
@@ -119,9 +140,11 @@ def expected_error(configs, qebc, keys, values, lengths, batch) -> Optional[str]
     for t, cfg in enumerate(configs):
         if not cfg.compressed:
             continue
-        codes = qebc.embedding_bags[cfg.name].codes.to(torch.int64)
+        module = qebc.embedding_bags[cfg.name]
+        codes = module.codes.to(torch.int64)
         for key, ids in spans:
-            if by_feature[key] is cfg and any(int(codes[v].max()) >= cfg.codebook_size for v in ids):
+            rows = [code_row(module, v) for v in ids] if by_feature[key] is cfg else []
+            if any(r is not None and int(codes[r].max()) >= cfg.codebook_size for r in rows):
                 return rf"table '{cfg.name}': codes hold a value >= codebook_size {cfg.codebook_size}"
     return None
 
@@ -197,12 +220,12 @@ def raw_operator_case(rng: random.Random) -> None:
         offsets = [0, n, n, n]  # 3 bags cannot be split between 2 features
         feature_tables = [0, 0]
         check_raises(lambda: torch.ops.torchrec_mec.pooled_lookup_forward(
-            values, torch.tensor(offsets), None, [codes], [books], feature_tables, [0, 0],
-            [0, 1], False, "f\ng", "t"), r"offsets must hold num_features \* batch \+ 1")
+            values, torch.tensor(offsets), None, [codes], [books], *NO_FALLBACK, feature_tables,
+            [0, 0], [0, 1], False, "f\ng", "t"), r"offsets must hold num_features \* batch \+ 1")
         return
     check_raises(lambda: torch.ops.torchrec_mec.pooled_lookup_forward(
-        values, torch.tensor(offsets), None, [codes], [books], [0], [0], [0], False, "f", "t"),
-        pattern)
+        values, torch.tensor(offsets), None, [codes], [books], *NO_FALLBACK, [0], [0], [0], False,
+        "f", "t"), pattern)
 
 
 def corrupt_saved_codes_case(rng: random.Random) -> None:
@@ -214,8 +237,8 @@ def corrupt_saved_codes_case(rng: random.Random) -> None:
     offsets = torch.tensor([0, 1, 4])
     saved = torch.full((values.numel() * 2,), rng.randint(k, 255), dtype=torch.uint8)
     check_raises(lambda: torch.ops.torchrec_mec.pooled_lookup_backward(
-        torch.randn(2, 6), values, offsets, None, saved, [codes], [books], [0], [0], [0], "f",
-        "t"), rf"table 't': saved_codes hold a value >= its codebook_size {k}")
+        torch.randn(2, 6), values, offsets, None, saved, [codes], [books], *NO_FALLBACK, [0], [0],
+        [0], "f", "t"), rf"table 't': saved_codes hold a value >= its codebook_size {k}")
 
 
 def main() -> int:

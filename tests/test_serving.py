@@ -32,11 +32,11 @@ def test_serving_doc_packages_and_scores_without_the_training_code(tmp_path, mon
     with torch.no_grad():
         expected = torch.sigmoid(eager(
             torch.tensor([[0.5, -1.0, 0.0, 2.0], [1.5, 0.25, -0.75, 0.0]]),
-            torch.tensor([5, 70_000, 1, 2]), torch.tensor([1, 1, 2, 0])))
+            torch.tensor([5, 95_000, 1, 2]), torch.tensor([1, 1, 2, 0])))
     torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-5)
 
     # A bad id fails the served call with the operator's message, naming feature and table.
-    bad = score.replace("values = torch.tensor([5, 70_000, 1, 2])",
+    bad = score.replace("values = torch.tensor([5, 95_000, 1, 2])",
                         "values = torch.tensor([5, 100_000, 1, 2])")
     assert bad != score
     run = subprocess.run([sys.executable, "-c", bad], cwd=tmp_path, capture_output=True,

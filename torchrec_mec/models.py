@@ -158,6 +158,7 @@ def build_model(
     num_embeddings: Mapping[str, int],
     compressed: Optional[Mapping[str, Tuple[int, int]]] = None,
     device: Optional[torch.device] = None,
+    new_ids: Optional[Mapping[str, Mapping[str, int]]] = None,
 ) -> CTRModel:
     """Builds the named CTR model for a data set: one table per sparse feature.
 
@@ -172,6 +173,9 @@ def build_model(
             is product-quantized with ``(num_subspaces, codebook_size)`` and the others stay
             full (stage 3).
         device (Optional[torch.device]): where to allocate (CPU by default).
+        new_ids (Optional[Mapping[str, Mapping[str, int]]]): per compressed table, its new-id
+            settings (``coded_rows``, ``fallback_rows``, ``promotion_slots`` of
+            ``QuantizedEmbeddingBagConfig``): a fallback table for the ids it has no codes for.
 
     Returns:
         CTRModel: logits [B] from (dense [B, num_dense], KJT).
@@ -194,12 +198,17 @@ def build_model(
         unknown = sorted(set(compressed) - {t.name for t in tables})
         if unknown:
             raise ValueError(f"compressed tables {unknown} are not tables of this model")
+        not_compressed = sorted(set(new_ids or {}) - set(compressed))
+        if not_compressed:
+            raise ValueError(f"new-id settings for tables {not_compressed}, which are not "
+                             "compressed tables of this model")
         qtables = [
             QuantizedEmbeddingBagConfig(
                 name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
                 feature_names=list(t.feature_names),
                 num_subspaces=compressed[t.name][0] if t.name in compressed else 1,
                 codebook_size=compressed[t.name][1] if t.name in compressed else 0,
+                **(new_ids or {}).get(t.name, {}),
             )
             for t in tables
         ]

@@ -2,9 +2,11 @@ from torchrec_mec.modules.initialization import (
     draw_seed,
     init_codebooks_,
     init_codes_,
+    init_fallback_,
     init_weight_,
 )
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
+    EMPTY_SLOT,
     FullTable,
     MemoryReport,
     ProductQuantizedTable,
@@ -19,6 +21,7 @@ from torchrec_mec.modules.quantized_embedding_configs import (
 )
 
 __all__ = [
+    "EMPTY_SLOT",
     "CodebookLargerThanTableWarning",
     "FullTable",
     "MemoryReport",
@@ -31,5 +34,6 @@ __all__ = [
     "draw_seed",
     "init_codebooks_",
     "init_codes_",
+    "init_fallback_",
     "init_weight_",
 ]

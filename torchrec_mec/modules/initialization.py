@@ -11,7 +11,7 @@ uniform in ``[0, K)``; codebooks and full-table weights by the config's ``init_f
 default: uniform in ``[weight_init_min, weight_init_max]``), applied to one block at a time on the
 CPU with torch's CPU generator seeded for that block (its state is restored afterwards).
 """
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from torchrec_mec.modules.quantized_embedding_configs import QuantizedEmbeddingB
 
 ROW_BLOCK = 1 << 16
 
-_CODES, _CODEBOOKS, _WEIGHT = 0, 1, 2
+_CODES, _CODEBOOKS, _WEIGHT, _FALLBACK = 0, 1, 2, 3
 
 
 def draw_seed() -> int:
@@ -54,15 +54,17 @@ def _fill_by_blocks(
     first_row: int,
     first_column: int,
     draw: Callable[[int, int], torch.Tensor],
+    total_rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Fills ``out`` [n, c] with rows ``[first_row, first_row + n)`` and columns ``[first_column,
-    first_column + c)`` of the blocks ``draw(block_seed, block_rows)`` gives."""
+    first_column + c)`` of the blocks ``draw(block_seed, block_rows)`` gives, of a tensor of
+    ``total_rows`` rows (default: the table's ``num_embeddings``)."""
     rows, columns = out.shape
-    _check_range(config.name, "rows", first_row, rows, config.num_embeddings)
+    total = config.num_embeddings if total_rows is None else total_rows
+    _check_range(config.name, "rows", first_row, rows, total)
     blocks = range(first_row // ROW_BLOCK, (first_row + rows - 1) // ROW_BLOCK + 1) if rows else range(0)
     for block in blocks:
-        drawn = draw(_block_seed(seed, kind, block),
-                     min(ROW_BLOCK, config.num_embeddings - block * ROW_BLOCK))
+        drawn = draw(_block_seed(seed, kind, block), min(ROW_BLOCK, total - block * ROW_BLOCK))
         start = max(first_row, block * ROW_BLOCK)
         stop = min(first_row + rows, (block + 1) * ROW_BLOCK)
         out[start - first_row : stop - first_row].copy_(
@@ -173,3 +175,28 @@ def init_weight_(
         return _init_fn_block(config, block_seed, (block_rows, config.embedding_dim))
 
     return _fill_by_blocks(weight, config, seed, _WEIGHT, first_row, first_column, draw)
+
+
+@torch.no_grad()
+def init_fallback_(
+    fallback: torch.Tensor, config: QuantizedEmbeddingBagConfig, seed: int
+) -> torch.Tensor:
+    """Fills ``fallback`` [fallback_rows, D] with the initial rows of a table's fallback table
+    (the rows new ids read, see ``QuantizedEmbeddingBagConfig``): the config's ``init_fn``
+    applied to blocks of :data:`ROW_BLOCK` rows, from generators of their own.
+
+    Example::
+
+        >>> cfg = QuantizedEmbeddingBagConfig(name="t", num_embeddings=20, embedding_dim=8,
+        ...     num_subspaces=4, codebook_size=16, coded_rows=10, fallback_rows=3)
+        >>> rows = init_fallback_(torch.empty(3, 8), cfg, seed=7)
+        >>> torch.equal(rows, init_fallback_(torch.empty(3, 8), cfg, seed=7))
+        True
+        >>> bool(rows.abs().max() <= cfg.get_weight_init_max())
+        True
+    """
+    def draw(block_seed: int, block_rows: int) -> torch.Tensor:
+        return _init_fn_block(config, block_seed, (block_rows, config.embedding_dim))
+
+    return _fill_by_blocks(fallback, config, seed, _FALLBACK, 0, 0, draw,
+                           total_rows=config.fallback_rows)

@@ -16,6 +16,7 @@ from torchrec_mec.modules.initialization import (
     draw_seed,
     init_codebooks_,
     init_codes_,
+    init_fallback_,
     init_weight_,
 )
 from torchrec_mec.modules.quantized_embedding_configs import (
@@ -29,8 +30,42 @@ from torchrec_mec.ops.fast_lookup import (
     cpu_operator_available,
     fused_pooled_lookup,
 )
-from torchrec_mec.ops.reference import pq_embedding_bag
+from torchrec_mec.ops.reference import fallback_embedding_bag, pq_embedding_bag
 from torchrec_mec.ops.tbe import FlatParameterBuffer, TableBatchedLookup, tbe_available
+
+
+EMPTY_SLOT = torch.iinfo(torch.int64).max
+"""The value of an unused promotion slot in ``promoted_ids`` (sorts after every id)."""
+
+
+def check_promoted_ids(config: QuantizedEmbeddingBagConfig, promoted: torch.Tensor) -> None:
+    """Raises ``ValueError`` naming the table unless ``promoted`` holds the config's
+    ``promotion_slots`` int64 values: new ids in increasing order, then unused slots
+    (:data:`EMPTY_SLOT`).
+
+    Example::
+
+        >>> cfg = QuantizedEmbeddingBagConfig(name="t", num_embeddings=12, embedding_dim=4,
+        ...     num_subspaces=2, codebook_size=4, coded_rows=10, fallback_rows=1, promotion_slots=2)
+        >>> check_promoted_ids(cfg, torch.tensor([11, EMPTY_SLOT]))
+        >>> check_promoted_ids(cfg, torch.tensor([11, 10]))
+        Traceback (most recent call last):
+        ...
+        ValueError: table 't': promoted_ids must be new ids in [10, 12) in increasing order, then unused slots (9223372036854775807)
+    """
+    if tuple(promoted.shape) != (config.promotion_slots,) or promoted.dtype != torch.int64:
+        raise ValueError(f"table {config.name!r}: promoted_ids are {promoted.dtype} "
+                         f"{tuple(promoted.shape)}, expected torch.int64 ({config.promotion_slots},)")
+    if promoted.device.type == "meta" or not promoted.numel():
+        return
+    used = promoted[promoted != EMPTY_SLOT]
+    assert config.coded_rows is not None  # set by the config
+    if (not torch.equal(promoted[: used.numel()], used) or bool((used[1:] <= used[:-1]).any())
+            or (used.numel() and (int(used[0]) < config.coded_rows
+                                  or int(used[-1]) >= config.num_embeddings))):
+        raise ValueError(f"table {config.name!r}: promoted_ids must be new ids in "
+                         f"[{config.coded_rows}, {config.num_embeddings}) in increasing order, "
+                         f"then unused slots ({EMPTY_SLOT})")
 
 
 class ProductQuantizedTable(nn.Module):
@@ -44,6 +79,13 @@ class ProductQuantizedTable(nn.Module):
     nothing is allocated; ``to_empty(device=...)`` then :meth:`reset_parameters` gives the values
     construction would have given.
 
+    A table whose config has a fallback (``coded_rows < num_embeddings``, see
+    ``QuantizedEmbeddingBagConfig``) also holds ``fallback`` [fallback_rows, D] (trainable, from
+    ``init_fn``) and ``promoted_ids`` [promotion_slots] (int64, sorted, unused slots
+    :data:`EMPTY_SLOT`); its ``codes`` then have ``coded_rows + promotion_slots`` rows, row
+    ``coded_rows + s`` holding the codes of ``promoted_ids[s]``. :meth:`embeddings` gives the row
+    any id reads.
+
     Args:
         config: the table's config (``codebook_size > 0``).
         device: where to allocate.
@@ -55,7 +97,17 @@ class ProductQuantizedTable(nn.Module):
         >>> table = ProductQuantizedTable(cfg)
         >>> table.codes.dtype, tuple(table.codebooks.shape), tuple(table.decode().shape)
         (torch.uint8, (2, 4, 2), (10, 4))
+        >>> grown = ProductQuantizedTable(QuantizedEmbeddingBagConfig(name="t", num_embeddings=14,
+        ...     embedding_dim=4, num_subspaces=2, codebook_size=4, coded_rows=10, fallback_rows=2,
+        ...     promotion_slots=3))
+        >>> tuple(grown.codes.shape), tuple(grown.fallback.shape), grown.num_promoted
+        ((13, 2), (2, 4), 0)
+        >>> torch.equal(grown.embeddings(torch.tensor([12])), grown.fallback[[0]])  # (12-10) % 2
+        True
     """
+
+    fallback: Optional[nn.Parameter]
+    promoted_ids: Optional[torch.Tensor]
 
     def __init__(self, config: QuantizedEmbeddingBagConfig, device: Optional[torch.device] = None):
         super().__init__()
@@ -64,35 +116,131 @@ class ProductQuantizedTable(nn.Module):
         self.num_embeddings = config.num_embeddings
         self.num_subspaces = config.num_subspaces
         self.codebook_size = config.codebook_size
+        self.coded_rows: int = config.coded_rows  # type: ignore[assignment]  # set by the config
         self.init_seed = draw_seed()
         self.register_buffer(
             "codes",
-            torch.empty(
-                config.num_embeddings, config.num_subspaces, dtype=config.code_dtype, device=device
-            ),
+            torch.empty(config.code_rows, config.num_subspaces, dtype=config.code_dtype, device=device),
         )
         self.codebooks = nn.Parameter(
             torch.empty(
                 config.num_subspaces, config.codebook_size, config.subspace_dim, device=device
             )
         )
+        if config.has_fallback:
+            self.fallback = nn.Parameter(
+                torch.empty(config.fallback_rows, config.embedding_dim, device=device))
+            self.register_buffer(
+                "promoted_ids", torch.empty(config.promotion_slots, dtype=torch.int64, device=device))
+        else:
+            self.fallback = None
+            self.promoted_ids = None
         if self.codebooks.device.type != "meta":
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Sets codes and codebooks to the values construction gives them."""
+        """Sets codes and codebooks (and the fallback, with no id promoted) to the values
+        construction gives them."""
         init_codes_(self.codes, self.config, self.init_seed)
         init_codebooks_(self.codebooks, self.config, self.init_seed)
+        if self.fallback is not None:
+            assert self.promoted_ids is not None
+            init_fallback_(self.fallback, self.config, self.init_seed)
+            with torch.no_grad():
+                self.promoted_ids.fill_(EMPTY_SLOT)
+
+    @property
+    def num_promoted(self) -> int:
+        """How many new ids have been given codes of their own."""
+        if self.promoted_ids is None:
+            return 0
+        return int((self.promoted_ids != EMPTY_SLOT).sum())
 
     def decode(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The reconstructed rows (all of them by default): [len(rows), D]."""
+        """The reconstructed rows of ``codes`` (all of them by default): [len(rows), D]."""
         codes = self.codes if rows is None else self.codes[rows]
         parts = [self.codebooks[m][codes[:, m].long()] for m in range(self.num_subspaces)]
         return torch.cat(parts, dim=1)
 
+    def embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """The row each id reads, [len(ids), D]: its decoded codes (coded or promoted ids), or its
+        fallback row (other new ids). Differentiable w.r.t. codebooks and fallback.
+
+        Raises:
+            ValueError: an id outside ``[0, num_embeddings)`` (names the table).
+        """
+        ids = ids.long()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"id {bad} is out of range for table {self.name!r} with "
+                             f"{self.num_embeddings} rows")
+        if self.fallback is None:
+            return self.decode(ids)
+        rows, in_fallback = self.resolve(ids)
+        coded = self.decode(torch.where(in_fallback, 0, rows))
+        return torch.where(in_fallback.unsqueeze(1), self.fallback[torch.where(in_fallback, rows, 0)],
+                           coded)
+
+    def resolve(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Where each (valid) id's row lives: ``(rows, in_fallback)``, a row of ``codes`` where
+        ``in_fallback`` is False, else a row of ``fallback``."""
+        ids = ids.long()
+        if self.fallback is None:
+            return ids, torch.zeros_like(ids, dtype=torch.bool)
+        assert self.promoted_ids is not None
+        new = ids >= self.coded_rows
+        slot = torch.searchsorted(self.promoted_ids, ids).clamp(max=max(self.promoted_ids.numel() - 1, 0))
+        promoted = (new & (self.promoted_ids[slot] == ids) if self.promoted_ids.numel()
+                    else torch.zeros_like(new))
+        in_fallback = new & ~promoted
+        rows = torch.where(promoted, self.coded_rows + slot,
+                           torch.where(in_fallback, (ids - self.coded_rows) % self.config.fallback_rows, ids))
+        return rows, in_fallback
+
+    @torch.no_grad()
+    def promote(self, ids: torch.Tensor, codes: torch.Tensor) -> None:
+        """Gives new ids codes of their own: each id of ``ids`` then reads its ``codes`` row
+        instead of its fallback row (see ``torchrec_mec.quantize.promote_ids``, which encodes the
+        fallback rows with the codebooks).
+
+        Raises:
+            ValueError: (naming the table) the table has no fallback, an id is not new
+                (``< coded_rows`` or ``>= num_embeddings``), repeated or already promoted,
+                there are not enough free slots, or ``codes`` do not fit.
+        """
+        if self.promoted_ids is None:
+            raise ValueError(f"table {self.name!r} has no fallback table: every id has codes")
+        ids = ids.to(torch.int64).reshape(-1).cpu()
+        if tuple(codes.shape) != (ids.numel(), self.num_subspaces):
+            raise ValueError(f"table {self.name!r}: codes for {ids.numel()} ids must be "
+                             f"[{ids.numel()}, {self.num_subspaces}], got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"table {self.name!r}: codes must be in [0, {self.codebook_size})")
+        outside = ids[(ids < self.coded_rows) | (ids >= self.num_embeddings)]
+        if outside.numel():
+            raise ValueError(f"table {self.name!r}: id {int(outside[0])} is not a new id (new ids "
+                             f"are [{self.coded_rows}, {self.num_embeddings})); only new ids are promoted")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError(f"table {self.name!r}: an id is given twice")
+        current = self.promoted_ids[self.promoted_ids != EMPTY_SLOT].cpu()
+        again = ids[torch.isin(ids, current)]
+        if again.numel():
+            raise ValueError(f"table {self.name!r}: id {int(again[0])} is already promoted")
+        total = current.numel() + ids.numel()
+        if total > self.promoted_ids.numel():
+            raise ValueError(f"table {self.name!r}: {ids.numel()} ids to promote but only "
+                             f"{self.promoted_ids.numel() - current.numel()} of "
+                             f"{self.promoted_ids.numel()} promotion slots are free")
+        slots = self.codes[self.coded_rows:]
+        merged_ids = torch.cat([current, ids])
+        merged_codes = torch.cat([slots[: current.numel()].cpu(), codes.to(self.codes.dtype).cpu()])
+        order = torch.argsort(merged_ids)
+        self.promoted_ids[:total] = merged_ids[order].to(self.promoted_ids.device)
+        slots[:total] = merged_codes[order].to(slots.device)
+
     def check_codes(self, codes: torch.Tensor) -> None:
         """Raises ``ValueError`` naming the table if ``codes`` do not fit it (shape, dtype, values)."""
-        want = (self.num_embeddings, self.num_subspaces)
+        want = (self.codes.shape[0], self.num_subspaces)
         if tuple(codes.shape) != want:
             raise ValueError(
                 f"table {self.name!r}: codes have shape {tuple(codes.shape)}, expected {want}"
@@ -120,6 +268,18 @@ class ProductQuantizedTable(nn.Module):
                 f"table {self.name!r}: codebooks have dtype {codebooks.dtype}, expected torch.float32"
             )
 
+    def check_fallback(self, fallback: torch.Tensor) -> None:
+        """Raises ``ValueError`` naming the table if ``fallback`` does not fit it."""
+        want = (self.config.fallback_rows, self.config.embedding_dim)
+        if tuple(fallback.shape) != want or fallback.dtype != torch.float32:
+            raise ValueError(f"table {self.name!r}: fallback is {fallback.dtype} "
+                             f"{tuple(fallback.shape)}, expected torch.float32 {want}")
+
+    def check_promoted_ids(self, promoted: torch.Tensor) -> None:
+        """Raises ``ValueError`` naming the table unless ``promoted`` holds
+        ``promotion_slots`` int64 values: new ids in increasing order, then unused slots."""
+        check_promoted_ids(self.config, promoted)
+
     def check(self, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
         """Raises ``ValueError`` naming the table if codes or codebooks do not fit it."""
         self.check_codes(codes)
@@ -129,11 +289,13 @@ class ProductQuantizedTable(nn.Module):
                               unexpected_keys, error_msgs) -> None:  # type: ignore[no-untyped-def]
         # Each key is checked on its own, so a partial state dict (strict=False) is checked too:
         # nn.Module would cast int64 codes to uint8 silently (wrapping values >= 256).
-        codes, books = state_dict.get(prefix + "codes"), state_dict.get(prefix + "codebooks")
-        if isinstance(codes, torch.Tensor):
-            self.check_codes(codes)
-        if isinstance(books, torch.Tensor):
-            self.check_codebooks(books)
+        checks = {"codes": self.check_codes, "codebooks": self.check_codebooks}
+        if self.fallback is not None:
+            checks.update(fallback=self.check_fallback, promoted_ids=self.check_promoted_ids)
+        for key, check in checks.items():
+            value = state_dict.get(prefix + key)
+            if isinstance(value, torch.Tensor):
+                check(value)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -178,7 +340,11 @@ class FullTable(nn.EmbeddingBag):
 
 @dataclass
 class TableMemory:
-    """Bytes held by one table, and by the float32 table it replaces."""
+    """Bytes held by one table, and by the float32 table it replaces (``num_embeddings`` rows).
+
+    ``codes_bytes`` counts every row of ``codes`` (promotion slots included);
+    ``fallback_bytes`` the fallback table's floats and ``promoted_ids`` (0 without a fallback).
+    """
 
     rows: int
     dim: int
@@ -187,10 +353,11 @@ class TableMemory:
     codebooks_bytes: int
     weight_bytes: int
     baseline_bytes: int
+    fallback_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
-        return self.codes_bytes + self.codebooks_bytes + self.weight_bytes
+        return self.codes_bytes + self.codebooks_bytes + self.weight_bytes + self.fallback_bytes
 
 
 @dataclass
@@ -212,6 +379,10 @@ class MemoryReport:
         return self.baseline_bytes / max(self.total_bytes, 1)
 
 
+def _nbytes(tensor: Optional[torch.Tensor]) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
 class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose tables may be product-quantized (MEC).
 
@@ -228,6 +399,12 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     ``codebooks`` and ``weight`` through autograd, so any torch optimizer trains them. Codes are
     a frozen buffer. ``torch.compile(fullgraph=True)`` and ``torch.export`` trace the lookup as
     one registered operator.
+
+    A compressed table may serve new ids (first seen after compression) from a hashed fallback
+    table that trains like a full table (``coded_rows``, ``fallback_rows`` and
+    ``promotion_slots`` of its config), on every path above; :meth:`promote` (through
+    ``torchrec_mec.quantize.promote_ids``) later gives the busiest ones codes of their own. See
+    docs/new_ids.md.
 
     Built on the ``meta`` device it allocates nothing (tables of billions of rows build in
     milliseconds); ``to_empty(device=...)`` and :meth:`reset_parameters` then give every table the
@@ -324,6 +501,9 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         full_slots = [first_table[c.name] for c in self._feature_configs if not c.compressed]
         self._full_lookup = TableBatchedLookup(shapes, full_slots) if full_slots else None
         self._buffer = FlatParameterBuffer(self._table_parameters)
+        # Fallback tables are not in the TBE: without the compiled operator, the collection
+        # takes the per-feature path.
+        self._has_fallback = any(cfg.has_fallback for cfg in self._embedding_bag_configs)
 
     # -- the EmbeddingBagCollectionInterface ------------------------------------------------
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:  # type: ignore[override]
@@ -349,7 +529,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             values = self._fused_forward(features)
         else:
             per_feature = self._split(features)
-            if on_cpu and self._lookup is not None:
+            if on_cpu and self._lookup is not None and not self._has_fallback:
                 values = self._tbe_forward(per_feature)
             else:
                 values = self._device_forward(per_feature)
@@ -407,17 +587,21 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     @torch.no_grad()
     def load_codes(self, table: str, codes: torch.Tensor, codebooks: torch.Tensor) -> None:
-        """Loads one compressed table's codes and codebooks (checked against its config)."""
+        """Loads one compressed table's codes and codebooks (checked against its config). A
+        table with a fallback takes the codes of its coded ids, ``[coded_rows, M]`` (stage 2's
+        output for them), or its whole ``codes`` buffer (promotion slots included)."""
         module = self.embedding_bags[table] if table in self.embedding_bags else None
         if not isinstance(module, ProductQuantizedTable):
             raise ValueError(f"table {table!r} is not a compressed table of this collection")
+        if module.fallback is not None and codes.shape[0] == module.coded_rows:
+            codes = torch.cat([codes.to(module.codes.device), module.codes[module.coded_rows:]])
         module.check(codes, codebooks)
         module.codes.copy_(codes)
         module.codebooks.copy_(codebooks)
 
     # -- memory ----------------------------------------------------------------------------
     def memory_report(self) -> MemoryReport:
-        """Bytes per table (codes, codebooks, full weights) against a float32 EBC.
+        """Bytes per table (codes, codebooks, full weights, fallback tables) against a float32 EBC.
 
         Example::
 
@@ -431,13 +615,14 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         for cfg in self._embedding_bag_configs:
             module = self.embedding_bags[cfg.name]
             baseline = cfg.num_embeddings * cfg.embedding_dim * 4
+            codes = books = weight = fallback = 0
             if isinstance(module, ProductQuantizedTable):
-                codes = module.codes.numel() * module.codes.element_size()
-                books = module.codebooks.numel() * module.codebooks.element_size()
-                weight = 0
+                codes = _nbytes(module.codes)
+                books = _nbytes(module.codebooks)
+                if module.fallback is not None:
+                    fallback = _nbytes(module.fallback) + _nbytes(module.promoted_ids)
             else:
-                codes = books = 0
-                weight = module.weight.numel() * module.weight.element_size()
+                weight = _nbytes(module.weight)
             tables[cfg.name] = TableMemory(
                 rows=cfg.num_embeddings,
                 dim=cfg.embedding_dim,
@@ -446,8 +631,18 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 codebooks_bytes=books,
                 weight_bytes=weight,
                 baseline_bytes=baseline,
+                fallback_bytes=fallback,
             )
         return MemoryReport(tables)
+
+    # -- new ids ---------------------------------------------------------------------------
+    def promote(self, table: str, ids: torch.Tensor, codes: torch.Tensor) -> None:
+        """Gives new ids of ``table`` codes of their own (``ProductQuantizedTable.promote``);
+        ``torchrec_mec.quantize.promote_ids`` computes the codes from their fallback rows."""
+        module = self.embedding_bags[table] if table in self.embedding_bags else None
+        if not isinstance(module, ProductQuantizedTable):
+            raise ValueError(f"table {table!r} is not a compressed table of this collection")
+        module.promote(ids, codes)
 
     # -- internals -------------------------------------------------------------------------
     def _table_parameter(self, name: str) -> nn.Parameter:
@@ -564,6 +759,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         configs = [self._feature_configs[slot] for slot in slots]
         modules = [self.embedding_bags[cfg.name] for cfg in self._embedding_bag_configs]
         no_codes = torch.empty(0, dtype=torch.uint8)
+        fallbacks, promoted = self._fallback_tensors(modules)
         return fused_pooled_lookup(
             values,
             features.offsets(),
@@ -575,7 +771,20 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             slots,
             keys,
             [cfg.name for cfg in self._embedding_bag_configs],
+            fallbacks=fallbacks,
+            promoted_ids=promoted,
+            num_ids=[cfg.num_embeddings for cfg in self._embedding_bag_configs],
         )
+
+    @staticmethod
+    def _fallback_tensors(modules: List[nn.Module]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Per table, its fallback table and promoted ids, or empty tensors (none)."""
+        fallbacks, promoted = [], []
+        for m in modules:
+            has = isinstance(m, ProductQuantizedTable) and m.fallback is not None
+            fallbacks.append(m.fallback if has else torch.empty(0, 0))
+            promoted.append(m.promoted_ids if has else torch.empty(0, dtype=torch.int64))
+        return fallbacks, promoted
 
     def _tbe_forward(
         self,
@@ -640,7 +849,13 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if isinstance(module, ProductQuantizedTable):
                 lookup = (triton_lookup.pq_embedding_bag_triton
                           if ids.is_cuda and triton_lookup.TRITON_AVAILABLE else pq_embedding_bag)
-                outs[i] = lookup(module.codes, module.codebooks, ids, offsets, w, mode)
+                if module.fallback is not None:
+                    assert module.promoted_ids is not None
+                    outs[i] = fallback_embedding_bag(
+                        module.codes, module.codebooks, module.fallback, module.promoted_ids, ids,
+                        offsets, w, mode, pq_lookup=lookup)
+                else:
+                    outs[i] = lookup(module.codes, module.codebooks, ids, offsets, w, mode)
             else:
                 outs[i] = module(ids, offsets, per_sample_weights=w)
         return torch.cat(outs, dim=1)  # type: ignore[arg-type]

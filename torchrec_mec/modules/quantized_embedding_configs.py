@@ -2,6 +2,7 @@
 import numbers
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -37,20 +38,42 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
     with :class:`CodebookLargerThanTableWarning`: such a table can use at most ``num_embeddings``
     of its K codewords per codebook, and its codebooks hold more floats than the full table would.
 
+    **New ids** (see docs/new_ids.md). A compressed table may serve more ids than it has codes
+    for: ids ``[0, coded_rows)`` have codes (from stage 2); ids ``[coded_rows, num_embeddings)``
+    are *new* (a vocabulary appends values first seen after compression there) and are served
+    by a hashed fallback table of ``fallback_rows`` float rows (id ``i`` reads row
+    ``(i - coded_rows) % fallback_rows``), which trains like a full table, until they are
+    promoted: ``promotion_slots`` new ids can be given codes of their own (encoded from their
+    learned fallback rows by ``QuantizedEmbeddingBagCollection.promote``).
+
     Args:
         num_subspaces (int): M; ``embedding_dim`` must be divisible by it.
         codebook_size (int): K in [2, 65536]; 0 keeps the table full (uncompressed).
+        coded_rows (Optional[int]): ids with codes, in ``[1, num_embeddings]``; default (None):
+            all ``num_embeddings``. Fewer needs ``fallback_rows >= 1``.
+        fallback_rows (int): rows of the hashed fallback table (0: none); compressed tables
+            with new ids only.
+        promotion_slots (int): how many new ids can get codes of their own (0: none); needs a
+            fallback table.
 
     Example::
 
         >>> cfg = QuantizedEmbeddingBagConfig(name="t", num_embeddings=1000, embedding_dim=16,
         ...     feature_names=["f"], num_subspaces=4, codebook_size=256)
-        >>> cfg.compressed, cfg.subspace_dim
-        (True, 4)
+        >>> cfg.compressed, cfg.subspace_dim, cfg.coded_rows, cfg.has_fallback
+        (True, 4, 1000, False)
+        >>> grown = QuantizedEmbeddingBagConfig(name="t", num_embeddings=1200, embedding_dim=16,
+        ...     feature_names=["f"], num_subspaces=4, codebook_size=256, coded_rows=1000,
+        ...     fallback_rows=50, promotion_slots=100)
+        >>> grown.has_fallback, grown.code_rows  # codes of coded ids, then of promoted ones
+        (True, 1100)
     """
 
     num_subspaces: int = 1
     codebook_size: int = 0
+    coded_rows: Optional[int] = None
+    fallback_rows: int = 0
+    promotion_slots: int = 0
 
     def __post_init__(self) -> None:
         for field in ("num_embeddings", "embedding_dim"):
@@ -58,6 +81,7 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
             if not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"table {self.name!r}: {field} must be an integer >= 1, got {value!r}")
         super().__post_init__()
+        self._check_new_ids()
         if self.codebook_size == 0:
             return
         if self.num_subspaces < 1 or self.embedding_dim % self.num_subspaces:
@@ -80,9 +104,47 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
                 stacklevel=3,
             )
 
+    def _check_new_ids(self) -> None:
+        for field in ("fallback_rows", "promotion_slots"):
+            value = getattr(self, field)
+            if not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"table {self.name!r}: {field} must be an integer >= 0, got {value!r}")
+        if self.coded_rows is None:
+            self.coded_rows = self.num_embeddings
+        if not isinstance(self.coded_rows, numbers.Integral) or not (
+                1 <= self.coded_rows <= self.num_embeddings):
+            raise ValueError(f"table {self.name!r}: coded_rows must be an integer in [1, "
+                             f"num_embeddings={self.num_embeddings}], got {self.coded_rows!r}")
+        new_ids = self.num_embeddings - self.coded_rows
+        if (new_ids or self.fallback_rows or self.promotion_slots) and self.codebook_size == 0:
+            raise ValueError(f"table {self.name!r}: coded_rows, fallback_rows and promotion_slots "
+                             "are for compressed tables (codebook_size > 0); a full table has a "
+                             "row for every id")
+        if new_ids and not self.fallback_rows:
+            raise ValueError(f"table {self.name!r}: ids [{self.coded_rows}, {self.num_embeddings}) "
+                             "have no codes and need a fallback table (fallback_rows >= 1)")
+        if self.fallback_rows and not new_ids:
+            raise ValueError(f"table {self.name!r}: fallback_rows={self.fallback_rows} but every "
+                             f"id has codes (coded_rows == num_embeddings == {self.num_embeddings}); "
+                             "give num_embeddings room for new ids above coded_rows")
+        if self.promotion_slots > new_ids:
+            raise ValueError(f"table {self.name!r}: promotion_slots={self.promotion_slots} is more "
+                             f"than the {new_ids} new ids [{self.coded_rows}, {self.num_embeddings})")
+
     @property
     def compressed(self) -> bool:
         return self.codebook_size > 0
+
+    @property
+    def has_fallback(self) -> bool:
+        """Whether the table serves new ids (``coded_rows < num_embeddings``) from a fallback."""
+        return self.fallback_rows > 0
+
+    @property
+    def code_rows(self) -> int:
+        """Rows of the ``codes`` buffer: the coded ids', then one per promotion slot."""
+        assert self.coded_rows is not None  # set in __post_init__
+        return self.coded_rows + self.promotion_slots
 
     @property
     def subspace_dim(self) -> int:
@@ -93,11 +155,16 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
         return code_dtype(self.codebook_size)
 
 
+_QUANTIZED_FIELDS = ("num_subspaces", "codebook_size", "coded_rows", "fallback_rows",
+                     "promotion_slots")
+
+
 def as_quantized_config(
     config: EmbeddingBagConfig, num_subspaces: int = 1, codebook_size: int = 0
 ) -> QuantizedEmbeddingBagConfig:
-    """Copies a TorchRec ``EmbeddingBagConfig`` into a ``QuantizedEmbeddingBagConfig``."""
-    fields = {k: v for k, v in vars(config).items() if k not in ("num_subspaces", "codebook_size")}
+    """Copies a TorchRec ``EmbeddingBagConfig`` into a ``QuantizedEmbeddingBagConfig`` (without
+    new-id settings: every id has codes, or the table is full)."""
+    fields = {k: v for k, v in vars(config).items() if k not in _QUANTIZED_FIELDS}
     return QuantizedEmbeddingBagConfig(
         **fields, num_subspaces=num_subspaces, codebook_size=codebook_size
     )

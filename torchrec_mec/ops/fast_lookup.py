@@ -65,8 +65,9 @@ def _saved_stride(codes: Sequence[torch.Tensor], params: Sequence[torch.Tensor])
 if _CPU_OPERATOR_ERROR is None:
 
     @torch.library.register_fake("torchrec_mec::pooled_lookup_forward")
-    def _forward_fake(values, offsets, per_sample_weights, codes, params, feature_tables,
-                      feature_pooling, feature_slots, save_codes, feature_names, table_names):
+    def _forward_fake(values, offsets, per_sample_weights, codes, params, fallbacks, promoted_ids,
+                      num_ids, feature_tables, feature_pooling, feature_slots, save_codes,
+                      feature_names, table_names):
         batch = (offsets.shape[0] - 1) // len(feature_tables)
         total_dim = sum(_table_dim(params[t]) for t in feature_tables)
         saved = values.shape[0] * _saved_stride(codes, params) if save_codes else 0
@@ -74,25 +75,31 @@ if _CPU_OPERATOR_ERROR is None:
 
     @torch.library.register_fake("torchrec_mec::pooled_lookup_backward")
     def _backward_fake(grad_output, values, offsets, per_sample_weights, saved_codes, codes,
-                       params, feature_tables, feature_pooling, feature_slots, feature_names,
-                       table_names):
-        return [torch.empty_like(p) for p in params]
+                       params, fallbacks, promoted_ids, num_ids, feature_tables, feature_pooling,
+                       feature_slots, feature_names, table_names):
+        return [torch.empty_like(p) for p in params] + [torch.empty_like(f) for f in fallbacks]
 
     def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-        values, offsets, weights, codes, params, *static = inputs
+        values, offsets, weights, codes, params, fallbacks, promoted, *static = inputs
         ctx.num_tables = len(codes)
-        # static: feature_tables, feature_pooling, feature_slots, save_codes, names
-        ctx.static = static[:3] + static[4:]
-        ctx.save_for_backward(values, offsets, weights, output[1], *codes, *params)
+        ctx.has_fallback = [f.numel() > 0 for f in fallbacks]
+        # static: num_ids, feature_tables, feature_pooling, feature_slots, save_codes, names
+        ctx.static = static[:4] + static[5:]
+        ctx.save_for_backward(values, offsets, weights, output[1], *codes, *params, *fallbacks,
+                              *promoted)
 
     def _backward(ctx, grad_pooled, _grad_saved):  # type: ignore[no-untyped-def]
         values, offsets, weights, saved, *tables = ctx.saved_tensors
-        codes, params = tables[: ctx.num_tables], tables[ctx.num_tables :]
+        n = ctx.num_tables
+        codes, params, fallbacks, promoted = (tables[:n], tables[n : 2 * n], tables[2 * n : 3 * n],
+                                              tables[3 * n :])
         grads = torch.ops.torchrec_mec.pooled_lookup_backward(
-            grad_pooled.contiguous(), values, offsets, weights, saved, codes, params, *ctx.static
+            grad_pooled.contiguous(), values, offsets, weights, saved, codes, params, fallbacks,
+            promoted, *ctx.static
         )
-        no_grad = [None] * ctx.num_tables
-        return (None, None, None, no_grad, list(grads)) + (None,) * 6
+        fallback_grads = [g if has else None for g, has in zip(grads[n:], ctx.has_fallback)]
+        no_grad = [None] * n
+        return (None, None, None, no_grad, list(grads[:n]), fallback_grads, no_grad) + (None,) * 7
 
     torch.library.register_autograd(
         "torchrec_mec::pooled_lookup_forward", _backward, setup_context=_setup_context
@@ -110,6 +117,9 @@ def fused_pooled_lookup(
     feature_slots: Optional[Sequence[int]] = None,
     feature_names: Sequence[str] = (),
     table_names: Sequence[str] = (),
+    fallbacks: Optional[Sequence[torch.Tensor]] = None,
+    promoted_ids: Optional[Sequence[torch.Tensor]] = None,
+    num_ids: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Pools every feature of a collection in one call of the compiled CPU operator.
 
@@ -130,9 +140,17 @@ def fused_pooled_lookup(
             feature order by default).
         feature_names: per feature, its name (for error messages).
         table_names: per table, its name (for error messages).
+        fallbacks: per table, its fallback table [F, D] for new ids, or an empty tensor (none;
+            the default for every table). A table with one has ``C = len(codes) -
+            len(promoted_ids)`` coded ids; new id ``i`` (``C <= i < num_ids``) reads the codes
+            row ``C + s`` if it is ``promoted_ids[s]``, else fallback row ``(i - C) % F``.
+        promoted_ids: per table, its promoted new ids (int64, increasing, then unused slots
+            ``torch.iinfo(torch.int64).max``), or an empty tensor.
+        num_ids: per table, the ids it serves, ``[0, num_ids)`` (default: the rows of its
+            codes or weight; more only with a fallback).
 
     Returns:
-        pooled [B, sum of feature dims], differentiable w.r.t. ``params``.
+        pooled [B, sum of feature dims], differentiable w.r.t. ``params`` and ``fallbacks``.
 
     Example::
 
@@ -149,13 +167,22 @@ def fused_pooled_lookup(
         ...
         ValueError: feature 'site': id 3 is out of range for table 't_site' with 3 rows
     """
-    save = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    if fallbacks is None:
+        fallbacks = [torch.empty(0, 0)] * len(params)
+    if promoted_ids is None:
+        promoted_ids = [torch.empty(0, dtype=torch.int64)] * len(params)
+    if num_ids is None:
+        num_ids = [c.shape[0] if p.dim() == 3 else p.shape[0] for c, p in zip(codes, params)]
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *fallbacks))
     pooled, _ = torch.ops.torchrec_mec.pooled_lookup_forward(
         values.contiguous(),
         offsets.long().contiguous(),
         None if per_sample_weights is None else per_sample_weights.float().contiguous(),
         list(codes),
         list(params),
+        list(fallbacks),
+        list(promoted_ids),
+        list(num_ids),
         list(feature_tables),
         list(feature_pooling),
         list(range(len(feature_tables))) if feature_slots is None else list(feature_slots),

@@ -7,6 +7,7 @@ from torchrec_mec.quantize.driver import (
     table_seed,
 )
 from torchrec_mec.quantize.model import MECQuantizer
+from torchrec_mec.quantize.promotion import assign_codes, promote_frequent, promote_ids
 from torchrec_mec.quantize.quantize_table import (
     QuantizeResult,
     QuantizeStats,
@@ -20,9 +21,12 @@ __all__ = [
     "MECQuantizer",
     "QuantizeResult",
     "QuantizeStats",
+    "assign_codes",
     "assign_tables",
     "load_quantized_table",
     "popularity_weights",
+    "promote_frequent",
+    "promote_ids",
     "quantize_table",
     "quantize_tables",
     "row_weights",

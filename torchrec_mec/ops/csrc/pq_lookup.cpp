@@ -8,6 +8,11 @@
 // write the same memory and need no private copies; it reads the codes the forward saved in
 // [M, n] order instead of gathering them from the table again.
 //
+// A compressed table may have a fallback table for new ids: ids [0, coded) read their codes
+// rows; a new id (in [coded, num_ids)) that is among the table's sorted promoted ids, at slot s,
+// reads codes row coded + s; any other new id reads fallback row (id - coded) % fallback_rows,
+// which the backward's gradient reaches (column bands, like a full table's).
+//
 // Nothing is read through an index that was not checked first, whoever calls the operator:
 // offsets are checked (start at 0, never decrease, end at len(values)) before the pass starts;
 // each id is checked against its table's rows before its row or codes are read, and each code
@@ -63,7 +68,30 @@ struct Table {
   int64_t code_bytes = 0;          // 1 (uint8) or 2 (uint16)
   const float* params = nullptr;   // codebooks [M, K, d] or full weight [rows, D]
   int64_t rows = 0, M = 1, K = 0, d = 0, D = 0;
+  int64_t num_ids = 0;             // valid ids: [0, num_ids); rows without a fallback
+  int64_t coded = 0;               // ids with codes of their own: [0, coded)
+  const float* fallback = nullptr; // [fallback_rows, D], or nullptr: no fallback
+  int64_t fallback_rows = 0;
+  const int64_t* promoted = nullptr;  // [slots] promoted new ids, increasing (then unused slots)
+  int64_t slots = 0;
 };
+
+// The codes row a valid id of a compressed table with a fallback reads, or -1 - r when it reads
+// fallback row r. The search for a promoted id is branch-free (the last slot <= id; the loop
+// count depends on the number of slots only), so new ids cost no mispredicted branches.
+MEC_INLINE int64_t resolve_row(const Table& t, int64_t id) {
+  if (id < t.coded) return id;
+  if (t.slots > 0) {
+    const int64_t* base = t.promoted;
+    for (int64_t n = t.slots; n > 1;) {
+      const int64_t half = n >> 1;
+      base = base[half] <= id ? base + half : base;
+      n -= half;
+    }
+    if (*base == id) return t.coded + (base - t.promoted);
+  }
+  return -1 - (id - t.coded) % t.fallback_rows;
+}
 
 struct Feature {
   int64_t table = 0;
@@ -135,6 +163,9 @@ Plan make_plan(
     const std::optional<Tensor>& weights,
     at::TensorList codes,
     at::TensorList params,
+    at::TensorList fallbacks,
+    at::TensorList promoted,
+    at::IntArrayRef num_ids,
     at::IntArrayRef feature_tables,
     at::IntArrayRef feature_pooling,
     at::IntArrayRef feature_slots,
@@ -148,6 +179,9 @@ Plan make_plan(
                   offsets.is_contiguous() && offsets.device().is_cpu(),
               "offsets must be a contiguous 1-D int64 CPU tensor");
   TORCH_CHECK(codes.size() == params.size() && !params.empty(), "one codes tensor per table");
+  TORCH_CHECK(fallbacks.size() == params.size() && promoted.size() == params.size() &&
+                  num_ids.size() == params.size(),
+              "one fallback, promoted ids tensor and id count per table");
   TORCH_CHECK(feature_tables.size() == feature_pooling.size() &&
                   feature_tables.size() == feature_slots.size(),
               "one table, pooling mode and output slot per feature");
@@ -197,6 +231,29 @@ Plan make_plan(
       table.rows = p.size(0);
       table.D = table.d = p.size(1);
     }
+    table.num_ids = table.coded = table.rows;
+    const Tensor& fb = fallbacks[t];
+    const Tensor& ids = promoted[t];
+    if (fb.numel() == 0) {
+      TORCH_CHECK(num_ids[t] == table.rows && ids.numel() == 0,
+                  "a table without a fallback serves ids [0, rows): num_ids must be its rows and "
+                  "promoted_ids empty");
+    } else {
+      TORCH_CHECK(table.compressed, "only compressed tables have fallback tables");
+      TORCH_CHECK(fb.scalar_type() == at::kFloat && fb.is_contiguous() && fb.device().is_cpu() &&
+                      fb.dim() == 2 && fb.size(1) == table.D,
+                  "a fallback table must be contiguous float32 CPU [fallback_rows, D]");
+      TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.device().is_cpu() &&
+                      ids.dim() == 1 && ids.numel() < table.rows,
+                  "promoted_ids must be contiguous int64 CPU [slots], slots < rows of codes");
+      table.fallback = fb.data_ptr<float>();
+      table.fallback_rows = fb.size(0);
+      table.promoted = ids.data_ptr<int64_t>();
+      table.slots = ids.numel();
+      table.coded = table.rows - table.slots;
+      TORCH_CHECK(num_ids[t] >= table.coded, "num_ids must be at least the coded ids");
+      table.num_ids = num_ids[t];
+    }
     plan.tables.push_back(table);
   }
   // Output columns: feature f's block comes at position feature_slots[f], a permutation.
@@ -242,9 +299,9 @@ int64_t code_at(const Table& table, int64_t row, int64_t m) {
   const Table& table = plan.tables[fe.table];
   for (int64_t j = fe.id_begin; j < fe.id_end; ++j) {
     const int64_t id = id_at(plan, j);
-    TORCH_CHECK_VALUE(id >= 0 && id < table.rows, plan.feature_names(f), ": id ", id,
-                      " is out of range for ", plan.table_names(fe.table), " with ", table.rows,
-                      " rows");
+    TORCH_CHECK_VALUE(id >= 0 && id < table.num_ids, plan.feature_names(f), ": id ", id,
+                      " is out of range for ", plan.table_names(fe.table), " with ",
+                      table.num_ids, " rows");
   }
   TORCH_CHECK(false, "torchrec_mec: ", plan.feature_names(f), " was reported with a bad id");
 }
@@ -256,11 +313,13 @@ int64_t code_at(const Table& table, int64_t row, int64_t m) {
     if (fe.table != t) continue;
     for (int64_t j = fe.id_begin; j < fe.id_end; ++j) {
       const int64_t id = id_at(plan, j);
-      if (id < 0 || id >= table.rows) continue;
+      if (id < 0 || id >= table.num_ids) continue;
+      const int64_t row = table.fallback ? resolve_row(table, id) : id;
+      if (row < 0) continue;  // a fallback row: no codes
       for (int64_t m = 0; m < table.M; ++m) {
-        const int64_t k = code_at(table, id, m);
+        const int64_t k = code_at(table, row, m);
         TORCH_CHECK_VALUE(k < table.K, plan.table_names(t),
-                          ": codes hold a value >= codebook_size ", table.K, " (row ", id,
+                          ": codes hold a value >= codebook_size ", table.K, " (row ", row,
                           ", subspace ", m, ": ", k, ")");
       }
     }
@@ -322,8 +381,8 @@ struct ForwardState {
 
 // Pools the ids [begin, end) of one bag of compressed feature `f` into `out` (D floats). With
 // M_ and SUB fixed at compile time the bag's sum stays in registers (M_ vectors of SUB floats);
-// M_ = 0 is the general case, summing in `out`.
-template <typename IdT, typename CodeT, int M_, int SUB>
+// M_ = 0 is the general case, summing in `out`. FB: the table has a fallback for new ids.
+template <typename IdT, typename CodeT, int M_, int SUB, bool FB>
 MEC_INLINE void pool_pq_bag(ForwardState& s, int64_t f, int64_t begin, int64_t end, float* out) {
   const Feature& fe = s.plan.features[f];
   const Table& t = s.plan.tables[fe.table];
@@ -333,7 +392,8 @@ MEC_INLINE void pool_pq_bag(ForwardState& s, int64_t f, int64_t begin, int64_t e
   const float* const weights = s.plan.weights;
   const CodeT* const codes = reinterpret_cast<const CodeT*>(t.codes);
   const float* const books = t.params;
-  const int64_t M = M_ > 0 ? M_ : t.M, d = SUB > 0 ? SUB : t.d, K = t.K, rows = t.rows;
+  const int64_t M = M_ > 0 ? M_ : t.M, d = SUB > 0 ? SUB : t.d, K = t.K, rows = t.num_ids;
+  const int64_t coded = t.coded;
   const int64_t id_begin = fe.id_begin, id_end = fe.id_end, n = id_end - id_begin;
   CodeT* const saved = s.saved ? reinterpret_cast<CodeT*>(s.saved + fe.saved) : nullptr;
   bool bad_id = false, bad_code = false;
@@ -342,7 +402,7 @@ MEC_INLINE void pool_pq_bag(ForwardState& s, int64_t f, int64_t begin, int64_t e
   for (int64_t j = begin; j < end; ++j) {
     if (j + kPrefetchDistance < id_end) {
       const int64_t ahead = static_cast<int64_t>(ids[j + kPrefetchDistance]);
-      if (ahead >= 0 && ahead < rows) __builtin_prefetch(codes + ahead * M, 0, 1);
+      if (ahead >= 0 && ahead < coded) __builtin_prefetch(codes + ahead * M, 0, 1);
     }
     const int64_t id = static_cast<int64_t>(ids[j]);
     if (id < 0 || id >= rows) {
@@ -350,7 +410,23 @@ MEC_INLINE void pool_pq_bag(ForwardState& s, int64_t f, int64_t begin, int64_t e
       continue;
     }
     const float w = weights ? weights[j] : 1.0f;
-    const CodeT* const row = codes + id * M;
+    int64_t code_row = id;
+    if constexpr (FB) {
+      code_row = resolve_row(t, id);
+      if (code_row < 0) {  // a new id without codes: its fallback row
+        const float* const fallback = t.fallback + (-1 - code_row) * t.D;
+        if (saved) {
+          for (int64_t m = 0; m < M; ++m) saved[m * n + (j - id_begin)] = 0;
+        }
+        if constexpr (M_ > 0) {
+          for (int m = 0; m < M_; ++m) acc[m] += w * load<SUB>(fallback + m * SUB);
+        } else {
+          axpy<0>(out, fallback, w, t.D);
+        }
+        continue;
+      }
+    }
+    const CodeT* const row = codes + code_row * M;
     if (saved) {
       for (int64_t m = 0; m < M; ++m) saved[m * n + (j - id_begin)] = row[m];
     }
@@ -415,16 +491,16 @@ MEC_INLINE void pool_full_bag(ForwardState& s, int64_t f, int64_t begin, int64_t
 // The (M, D/M) shapes compiled with register sums (common ones, D <= 256 floats); other shapes
 // take the general loop.
 #define MEC_PQ_SHAPE(M_, SUB) \
-  if (t.M == M_ && t.d == SUB) return pool_pq_bag<IdT, CodeT, M_, SUB>(s, f, begin, end, out);
+  if (t.M == M_ && t.d == SUB) return pool_pq_bag<IdT, CodeT, M_, SUB, FB>(s, f, begin, end, out);
 
-template <typename IdT, typename CodeT>
+template <typename IdT, typename CodeT, bool FB>
 MEC_INLINE void pool_pq_bag_dispatch(ForwardState& s, int64_t f, int64_t begin, int64_t end, float* out) {
   const Table& t = s.plan.tables[s.plan.features[f].table];
   MEC_PQ_SHAPE(4, 4) MEC_PQ_SHAPE(8, 4) MEC_PQ_SHAPE(16, 4)
   MEC_PQ_SHAPE(4, 8) MEC_PQ_SHAPE(8, 8) MEC_PQ_SHAPE(16, 8)
   MEC_PQ_SHAPE(4, 16) MEC_PQ_SHAPE(8, 16) MEC_PQ_SHAPE(16, 16)
   MEC_PQ_SHAPE(4, 32) MEC_PQ_SHAPE(8, 32)
-  pool_pq_bag<IdT, CodeT, 0, 0>(s, f, begin, end, out);
+  pool_pq_bag<IdT, CodeT, 0, 0, FB>(s, f, begin, end, out);
 }
 #undef MEC_PQ_SHAPE
 
@@ -451,10 +527,16 @@ MEC_INLINE void forward_rows_impl(ForwardState& s, int64_t row_begin, int64_t ro
     const int64_t begin = plan.offsets[r], end = plan.offsets[r + 1];
     if (!t.compressed) {
       pool_full_bag_dispatch<IdT>(s, f, begin, end, out);
+    } else if (t.fallback) {
+      if (t.code_bytes == 1) {
+        pool_pq_bag_dispatch<IdT, uint8_t, true>(s, f, begin, end, out);
+      } else {
+        pool_pq_bag_dispatch<IdT, uint16_t, true>(s, f, begin, end, out);
+      }
     } else if (t.code_bytes == 1) {
-      pool_pq_bag_dispatch<IdT, uint8_t>(s, f, begin, end, out);
+      pool_pq_bag_dispatch<IdT, uint8_t, false>(s, f, begin, end, out);
     } else {
-      pool_pq_bag_dispatch<IdT, uint16_t>(s, f, begin, end, out);
+      pool_pq_bag_dispatch<IdT, uint16_t, false>(s, f, begin, end, out);
     }
     if (fe.mean && end > begin) {
       const float inv = 1.0f / static_cast<float>(end - begin);
@@ -509,15 +591,18 @@ std::tuple<Tensor, Tensor> pooled_lookup_forward(
     const std::optional<Tensor>& per_sample_weights,
     at::TensorList codes,
     at::TensorList params,
+    at::TensorList fallbacks,
+    at::TensorList promoted_ids,
+    at::IntArrayRef num_ids,
     at::IntArrayRef feature_tables,
     at::IntArrayRef feature_pooling,
     at::IntArrayRef feature_slots,
     bool save_codes,
     c10::string_view feature_names,
     c10::string_view table_names) {
-  const Plan plan = make_plan(values, offsets, per_sample_weights, codes, params, feature_tables,
-                              feature_pooling, feature_slots, std::string(feature_names),
-                              std::string(table_names));
+  const Plan plan = make_plan(values, offsets, per_sample_weights, codes, params, fallbacks,
+                              promoted_ids, num_ids, feature_tables, feature_pooling,
+                              feature_slots, std::string(feature_names), std::string(table_names));
   Tensor out = empty_in_huge_pages({plan.batch, plan.total_dim}, params[0].options());
   Tensor saved =
       empty_in_huge_pages({save_codes ? plan.saved_bytes : 0}, values.options().dtype(at::kByte));
@@ -545,11 +630,23 @@ std::tuple<Tensor, Tensor> pooled_lookup_forward(
   return {out, saved};
 }
 
+// One id of a feature that reads a fallback row: the row, the bag (its output gradient row) and
+// the id's weight in the bag (per-sample weight, times 1 / length for MEAN).
+struct FallbackLookup {
+  int64_t row, bag;
+  float weight;
+};
+
 struct BackwardState {
   const Plan& plan;
   const float* grad_out;
   const uint8_t* saved;
   std::vector<float*> grads;
+  std::vector<float*> fallback_grads;  // per table, nullptr without a fallback
+  // Resolved once, before the tasks that read them, for the features of tables with a fallback:
+  // per position in `values`, whether the id reads a fallback row; per feature, those ids.
+  std::vector<uint8_t> in_fallback;
+  std::vector<std::vector<FallbackLookup>> fallback_lookups;
   std::vector<std::vector<int64_t>> features_of_table;
   std::atomic<int64_t> bad_feature;  // first feature with an id outside its table
   std::atomic<int64_t> bad_table;    // first table whose saved codes hold a value >= K
@@ -588,10 +685,14 @@ MEC_INLINE void codebook_grad(BackwardState& s, int64_t t, int64_t m) {
         m * (fe.id_end - fe.id_begin) - fe.id_begin;
     const int64_t K = table.K;
     bool bad_code = false;
+    // Ids that read a fallback row contribute nothing here (fallback_grad takes them).
+    const uint8_t* const fallback = table.fallback ? s.in_fallback.data() : nullptr;
+    const auto in_fallback = [&](int64_t j) { return fallback && fallback[j]; };
     for_each_bag(s, f, m * d, [&](int64_t begin, int64_t end, const float* g, float scale) {
       if constexpr (SUB > 0) {
         const Vec<SUB> gv = load<SUB>(g);  // one load per bag, not one per id
         for (int64_t j = begin; j < end; ++j) {
+          if (in_fallback(j)) continue;
           const int64_t k = codes[j];
           if (k >= K) {
             bad_code = true;
@@ -602,6 +703,7 @@ MEC_INLINE void codebook_grad(BackwardState& s, int64_t t, int64_t m) {
         }
       } else {
         for (int64_t j = begin; j < end; ++j) {
+          if (in_fallback(j)) continue;
           const int64_t k = codes[j];
           if (k >= K) {
             bad_code = true;
@@ -650,6 +752,29 @@ MEC_INLINE void full_grad(BackwardState& s, int64_t t, int64_t part) {
   }
 }
 
+// Accumulates columns [16 part, 16 part + 16) of compressed table t's fallback gradient, from the
+// ids that read a fallback row.
+MEC_INLINE void fallback_grad(BackwardState& s, int64_t t, int64_t part) {
+  const Table& table = s.plan.tables[t];
+  const int64_t c0 = part * kFullColumnsPerTask, D = table.D;
+  const int64_t width = std::min(kFullColumnsPerTask, D - c0), ld = s.plan.total_dim;
+  float* const grad = s.fallback_grads[t] + c0;
+  for (int64_t row = 0; row < table.fallback_rows; ++row) {
+    std::fill(grad + row * D, grad + row * D + width, 0.0f);
+  }
+  for (int64_t f : s.features_of_table[t]) {
+    const float* const g = s.grad_out + s.plan.features[f].col + c0;
+    for (const FallbackLookup& lookup : s.fallback_lookups[f]) {
+      float* const y = grad + lookup.row * D;
+      if (width == kFullColumnsPerTask) {
+        axpy<kFullColumnsPerTask>(y, g + lookup.bag * ld, lookup.weight, width);
+      } else {
+        axpy<0>(y, g + lookup.bag * ld, lookup.weight, width);
+      }
+    }
+  }
+}
+
 template <typename CodeT>
 MEC_INLINE void codebook_grad_dispatch(BackwardState& s, int64_t t, int64_t m) {
   switch (s.plan.tables[t].d) {
@@ -661,9 +786,11 @@ MEC_INLINE void codebook_grad_dispatch(BackwardState& s, int64_t t, int64_t m) {
   }
 }
 
-MEC_CLONES void backward_task(BackwardState& s, int64_t t, int64_t part) {
+MEC_CLONES void backward_task(BackwardState& s, int64_t t, int64_t part, bool fallback) {
   const Table& table = s.plan.tables[t];
-  if (!table.compressed) {
+  if (fallback) {
+    fallback_grad(s, t, part);
+  } else if (!table.compressed) {
     if (s.plan.int32_ids) {
       full_grad<int32_t>(s, t, part);
     } else {
@@ -684,14 +811,17 @@ std::vector<Tensor> pooled_lookup_backward(
     const Tensor& saved_codes,
     at::TensorList codes,
     at::TensorList params,
+    at::TensorList fallbacks,
+    at::TensorList promoted_ids,
+    at::IntArrayRef num_ids,
     at::IntArrayRef feature_tables,
     at::IntArrayRef feature_pooling,
     at::IntArrayRef feature_slots,
     c10::string_view feature_names,
     c10::string_view table_names) {
-  const Plan plan = make_plan(values, offsets, per_sample_weights, codes, params, feature_tables,
-                              feature_pooling, feature_slots, std::string(feature_names),
-                              std::string(table_names));
+  const Plan plan = make_plan(values, offsets, per_sample_weights, codes, params, fallbacks,
+                              promoted_ids, num_ids, feature_tables, feature_pooling,
+                              feature_slots, std::string(feature_names), std::string(table_names));
   TORCH_CHECK(grad_output.scalar_type() == at::kFloat && grad_output.is_contiguous() &&
                   grad_output.device().is_cpu() && grad_output.dim() == 2 &&
                   grad_output.size(0) == plan.batch && grad_output.size(1) == plan.total_dim,
@@ -699,17 +829,44 @@ std::vector<Tensor> pooled_lookup_backward(
   TORCH_CHECK(saved_codes.scalar_type() == at::kByte && saved_codes.is_contiguous() &&
                   saved_codes.device().is_cpu() && saved_codes.numel() == plan.saved_bytes,
               "saved_codes do not match the inputs (the forward's, with save_codes=True)");
-  std::vector<Tensor> grads;
+  std::vector<Tensor> grads, fallback_grads;
   const int64_t num_features = static_cast<int64_t>(plan.features.size());
   const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
-  BackwardState s{plan, grad_output.data_ptr<float>(), saved_codes.data_ptr<uint8_t>(), {}, {},
-                  {num_features}, {num_tables}};
+  BackwardState s{plan, grad_output.data_ptr<float>(), saved_codes.data_ptr<uint8_t>(),
+                  {}, {}, {}, {}, {}, {num_features}, {num_tables}};
+  for (const Table& table : plan.tables) {
+    if (table.fallback) s.in_fallback.assign(plan.num_values, 0);
+  }
   s.features_of_table.resize(plan.tables.size());
   for (size_t f = 0; f < plan.features.size(); ++f) {
     s.features_of_table[plan.features[f].table].push_back(static_cast<int64_t>(f));
   }
+  s.fallback_lookups.resize(num_features);
+  run_dynamic(num_features, [&](int64_t f) {
+    const Feature& fe = plan.features[f];
+    const Table& table = plan.tables[fe.table];
+    if (!table.fallback) return;
+    for (int64_t b = 0; b < plan.batch; ++b) {
+      const int64_t begin = plan.offsets[f * plan.batch + b];
+      const int64_t end = plan.offsets[f * plan.batch + b + 1];
+      const float scale = fe.mean ? 1.0f / static_cast<float>(end - begin) : 1.0f;
+      for (int64_t j = begin; j < end; ++j) {
+        const int64_t id = id_at(plan, j);
+        if (id < 0 || id >= table.num_ids) {
+          record_min(s.bad_feature, f);
+          continue;
+        }
+        const int64_t row = resolve_row(table, id);
+        if (row >= 0) continue;
+        s.in_fallback[j] = 1;
+        s.fallback_lookups[f].push_back(
+            {-1 - row, b, plan.weights ? plan.weights[j] * scale : scale});
+      }
+    }
+  });
   struct Task {
     int64_t table, part, cost;
+    bool fallback;
   };
   std::vector<Task> tasks;
   for (size_t t = 0; t < plan.tables.size(); ++t) {
@@ -723,19 +880,29 @@ std::vector<Tensor> pooled_lookup_backward(
         ? table.M
         : (table.D + kFullColumnsPerTask - 1) / kFullColumnsPerTask;
     for (int64_t p = 0; p < parts; ++p) {
-      tasks.push_back({static_cast<int64_t>(t), p, ids * (table.compressed ? table.d : 16)});
+      tasks.push_back({static_cast<int64_t>(t), p, ids * (table.compressed ? table.d : 16), false});
+    }
+    // A fallback table's gradient: column bands, like a full table's.
+    fallback_grads.push_back(at::empty_like(fallbacks[t]));
+    s.fallback_grads.push_back(table.fallback ? fallback_grads.back().data_ptr<float>() : nullptr);
+    if (table.fallback) {
+      for (int64_t p = 0; p * kFullColumnsPerTask < table.D; ++p) {
+        tasks.push_back({static_cast<int64_t>(t), p, ids * 16, true});
+      }
     }
   }
   // Longest first, so the last tasks to be handed out are short.
   std::stable_sort(tasks.begin(), tasks.end(),
                    [](const Task& a, const Task& b) { return a.cost > b.cost; });
-  run_dynamic(static_cast<int64_t>(tasks.size()),
-              [&](int64_t i) { backward_task(s, tasks[i].table, tasks[i].part); });
+  run_dynamic(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
+    backward_task(s, tasks[i].table, tasks[i].part, tasks[i].fallback);
+  });
   if (s.bad_feature.load() < num_features) raise_bad_id(plan, s.bad_feature.load());
   TORCH_CHECK_VALUE(s.bad_table.load() >= num_tables, plan.table_names(s.bad_table.load()),
                     ": saved_codes hold a value >= its codebook_size ",
                     s.bad_table.load() < num_tables ? plan.tables[s.bad_table.load()].K : 0);
-  return grads;
+  grads.insert(grads.end(), fallback_grads.begin(), fallback_grads.end());
+  return grads;  // the params' gradients, then the fallback tables'
 }
 
 }  // namespace
@@ -743,14 +910,15 @@ std::vector<Tensor> pooled_lookup_backward(
 TORCH_LIBRARY(torchrec_mec, m) {
   m.def(
       "pooled_lookup_forward(Tensor values, Tensor offsets, Tensor? per_sample_weights, "
-      "Tensor[] codes, Tensor[] params, int[] feature_tables, int[] feature_pooling, "
-      "int[] feature_slots, bool save_codes, str feature_names, str table_names) "
-      "-> (Tensor, Tensor)");
+      "Tensor[] codes, Tensor[] params, Tensor[] fallbacks, Tensor[] promoted_ids, int[] num_ids, "
+      "int[] feature_tables, int[] feature_pooling, int[] feature_slots, bool save_codes, "
+      "str feature_names, str table_names) -> (Tensor, Tensor)");
   m.def(
       "pooled_lookup_backward(Tensor grad_output, Tensor values, Tensor offsets, "
       "Tensor? per_sample_weights, Tensor saved_codes, Tensor[] codes, Tensor[] params, "
-      "int[] feature_tables, int[] feature_pooling, int[] feature_slots, str feature_names, "
-      "str table_names) -> Tensor[]");
+      "Tensor[] fallbacks, Tensor[] promoted_ids, int[] num_ids, int[] feature_tables, "
+      "int[] feature_pooling, int[] feature_slots, str feature_names, str table_names) "
+      "-> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(torchrec_mec, CPU, m) {
