@@ -27,8 +27,14 @@ from torchrec.distributed.types import ShardMetadata
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from torchrec_mec.modules.initialization import init_codebooks_, init_codes_, init_weight_
+from torchrec_mec.modules.initialization import (
+    init_codebooks_,
+    init_codes_,
+    init_fallback_,
+    init_weight_,
+)
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
+    EMPTY_SLOT,
     ProductQuantizedTable,
     QuantizedEmbeddingBagCollection,
 )
@@ -143,10 +149,14 @@ class QuantizedShardsLookup(nn.Module):
 
     def table_tensors(self, table: str) -> Dict[str, torch.Tensor]:
         """This rank's state of ``table``, all its shards together, under the unsharded names:
-        ``codes`` (buffer) and ``codebooks`` (parameter), or ``weight`` (parameter)."""
+        ``codes`` (buffer) and ``codebooks`` (parameter), with ``fallback`` (parameter) and
+        ``promoted_ids`` (buffer) for a table with a fallback, or ``weight`` (parameter)."""
         module = self.qebc.embedding_bags[table]
         if isinstance(module, ProductQuantizedTable):
-            return {"codes": module.codes, "codebooks": module.codebooks}
+            tensors = {"codes": module.codes, "codebooks": module.codebooks}
+            if module.fallback is not None:
+                tensors.update(fallback=module.fallback, promoted_ids=module.promoted_ids)
+            return tensors
         return {"weight": module.weight}
 
     def shard_part(self, shard: LocalShard, key: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -180,6 +190,9 @@ class QuantizedShardsLookup(nn.Module):
             if cfg.compressed:
                 init_codes_(parts["codes"], cfg, seed, r0, c0 // cfg.subspace_dim)
                 init_codebooks_(parts["codebooks"], cfg, seed, c0 // cfg.subspace_dim)
+                if cfg.has_fallback:  # held whole (table-wise or data-parallel)
+                    init_fallback_(parts["fallback"], cfg, seed)
+                    parts["promoted_ids"].fill_(EMPTY_SLOT)
             else:
                 init_weight_(parts["weight"], cfg, seed, r0, c0)
 
@@ -210,7 +223,10 @@ class QuantizedShardsLookup(nn.Module):
         for shard in self.shards:
             (r0, c0), (rows, cols) = shard.offsets, shard.sizes
             table, parts = source.embedding_bags[shard.table], self.local_tensors(shard)
-            if isinstance(table, ProductQuantizedTable):
+            if isinstance(table, ProductQuantizedTable) and table.fallback is not None:
+                for key in ("codes", "codebooks", "fallback", "promoted_ids"):  # held whole
+                    parts[key].copy_(getattr(table, key))
+            elif isinstance(table, ProductQuantizedTable):
                 d = self._configs[shard.table].subspace_dim
                 parts["codes"].copy_(table.codes[r0 : r0 + rows, c0 // d : (c0 + cols) // d])
                 parts["codebooks"].copy_(table.codebooks[c0 // d : (c0 + cols) // d])
@@ -231,6 +247,9 @@ def _check_subspace_boundaries(cfg: QuantizedEmbeddingBagConfig, first: int, wid
 def _local_config(
     cfg: QuantizedEmbeddingBagConfig, rows: int, columns: int, pool_mean_as_sum: bool
 ) -> QuantizedEmbeddingBagConfig:
+    # A table with a fallback is held whole (the sharder allows table-wise and data-parallel).
+    new_ids = ({"coded_rows": cfg.coded_rows, "fallback_rows": cfg.fallback_rows,
+                "promotion_slots": cfg.promotion_slots} if cfg.has_fallback else {})
     with warnings.catch_warnings():  # a row-wise shard may hold fewer rows than K
         warnings.simplefilter("ignore", CodebookLargerThanTableWarning)
         return QuantizedEmbeddingBagConfig(
@@ -244,6 +263,7 @@ def _local_config(
             init_fn=cfg.init_fn,
             num_subspaces=columns // cfg.subspace_dim if cfg.compressed else 1,
             codebook_size=cfg.codebook_size,
+            **new_ids,
         )
 
 

@@ -9,15 +9,26 @@ holds: ``codes`` at their packed size plus ``codebooks``. Row- and column-wise s
 out in table coordinates, as for an ``EmbeddingBagCollection``, and a memory budget fits tables
 that would not fit uncompressed. Nothing here needs user-written ``ParameterConstraints``.
 """
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingType
 
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
     ProductQuantizedTable,
     QuantizedEmbeddingBagCollection,
 )
+
+
+FALLBACK_SHARDING_TYPES: List[str] = [
+    ShardingType.DATA_PARALLEL.value,
+    ShardingType.TABLE_WISE.value,
+]
+"""The sharding types of a compressed table with a fallback for new ids: each rank holds all of
+it or none (a row-wise shard would have to route new ids by their fallback row, a column-wise one
+to split the fallback's columns; neither is implemented)."""
 
 
 class CompressedTableTensor(torch.Tensor):
@@ -86,3 +97,24 @@ def shardable_tables(module: QuantizedEmbeddingBagCollection) -> Dict[str, torch
             assert isinstance(table, nn.EmbeddingBag)
             tables[cfg.name] = table.weight
     return tables
+
+
+def new_id_constraints(module: QuantizedEmbeddingBagCollection) -> Dict[str, ParameterConstraints]:
+    """``ParameterConstraints`` for TorchRec's planner that keep every table with a fallback for
+    new ids to :data:`FALLBACK_SHARDING_TYPES` (the sharder refuses the others for them); pass
+    them as ``EmbeddingShardingPlanner(..., constraints=...)``, merged with your own.
+
+    Example::
+
+        >>> from torchrec_mec import QuantizedEmbeddingBagConfig
+        >>> qebc = QuantizedEmbeddingBagCollection([QuantizedEmbeddingBagConfig(name="t",
+        ...     num_embeddings=1200, embedding_dim=16, feature_names=["f"], num_subspaces=4,
+        ...     codebook_size=256, coded_rows=1000, fallback_rows=20, promotion_slots=50)])
+        >>> new_id_constraints(qebc)["t"].sharding_types
+        ['data_parallel', 'table_wise']
+    """
+    return {
+        cfg.name: ParameterConstraints(sharding_types=list(FALLBACK_SHARDING_TYPES))
+        for cfg in module.embedding_bag_configs()
+        if getattr(cfg, "has_fallback", False)
+    }

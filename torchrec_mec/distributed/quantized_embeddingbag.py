@@ -51,9 +51,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_mec.distributed.embedding_lookup import LocalShard, QuantizedShardsLookup
 from torchrec_mec.distributed.fused_optimizer import InBackwardOptimizer, fused_optimizer_spec
-from torchrec_mec.distributed.planner import shardable_tables
+from torchrec_mec.distributed.planner import FALLBACK_SHARDING_TYPES, shardable_tables
 from torchrec_mec.modules.quantized_embedding_bag_collection import (
     QuantizedEmbeddingBagCollection,
+    check_promoted_ids,
 )
 from torchrec_mec.modules.quantized_embedding_configs import QuantizedEmbeddingBagConfig
 
@@ -172,6 +173,12 @@ class ShardedQuantizedEmbeddingBagCollection(
                     f"table {name!r}: sharding type {ps.sharding_type!r} is not supported for a "
                     f"QuantizedEmbeddingBagCollection (supported: {SHARDING_TYPES})"
                 )
+            if cfg.has_fallback and ps.sharding_type not in FALLBACK_SHARDING_TYPES:
+                raise ValueError(
+                    f"table {name!r}: sharding type {ps.sharding_type!r} is not supported for a "
+                    f"table with a fallback for new ids (supported: {FALLBACK_SHARDING_TYPES}); "
+                    "plan it with torchrec_mec.distributed.new_id_constraints"
+                )
             infos.setdefault(ps.sharding_type, []).append(
                 EmbeddingShardingInfo(
                     embedding_config=EmbeddingTableConfig(
@@ -220,13 +227,15 @@ class ShardedQuantizedEmbeddingBagCollection(
     ) -> KeyedOptimizer:
         optims: List[Tuple[str, KeyedOptimizer]] = []
         for table in self._configs:
-            layout = self._layouts[(table, _parameter_key(self._configs[table]))]
-            local = layout.local()
-            if local is None or layout.data_parallel:
-                continue
-            spec = fused_optimizer_spec(_source_parameter(module, table), fused_params)
-            if spec is not None:
-                optims.append(("", InBackwardOptimizer({layout.name: local}, *spec, {layout.name: layout})))
+            for key in _parameter_keys(self._configs[table]):
+                layout = self._layouts[(table, key)]
+                local = layout.local()
+                if local is None or layout.data_parallel:
+                    continue
+                spec = fused_optimizer_spec(_source_parameter(module, table, key), fused_params)
+                if spec is not None:
+                    optims.append(("", InBackwardOptimizer({layout.name: local}, *spec,
+                                                           {layout.name: layout})))
         return CombinedOptimizer(optims) if optims else EmptyFusedOptimizer()
 
     def _register_tables(
@@ -236,13 +245,14 @@ class ShardedQuantizedEmbeddingBagCollection(
         this rank holds nothing of gets empty ones, as in TorchRec's sharded EBC."""
         for (table, key), layout in self._layouts.items():
             holder, local = self.embedding_bags[table], layout.local()
-            if key == "codes":
+            if key in _BUFFER_KEYS:
                 holder.register_buffer(key, local if local is not None else torch.empty(
                     0, dtype=_key_dtype(self._configs[table], key), device=self._device))
                 continue
             if local is None:
                 local = nn.Parameter(torch.empty(0, device=self._device))
-                if fused_optimizer_spec(_source_parameter(module, table), fused_params) is not None:
+                if fused_optimizer_spec(_source_parameter(module, table, key),
+                                        fused_params) is not None:
                     # Left out of the dense optimizer (in_backward_optimizer_filter), as TorchRec does.
                     local._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
             holder.register_parameter(key, local)
@@ -489,6 +499,8 @@ class _TableLayout:
                     raise ValueError(
                         f"{self.name}: code {top} >= codebook_size {self.config.codebook_size}"
                     )
+            if self.key == "promoted_ids":
+                check_promoted_ids(self.config, source)
             pairs.append((source, target))
         for source, target in pairs:
             target.copy_(source)
@@ -564,36 +576,51 @@ class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbed
         return QuantizedEmbeddingBagCollection
 
 
+_BUFFER_KEYS = ("codes", "promoted_ids")
+
+
 def _state_keys(cfg: QuantizedEmbeddingBagConfig) -> List[str]:
-    return ["codes", "codebooks"] if cfg.compressed else ["weight"]
+    if not cfg.compressed:
+        return ["weight"]
+    return ["codes", "codebooks"] + (["fallback", "promoted_ids"] if cfg.has_fallback else [])
 
 
-def _parameter_key(cfg: QuantizedEmbeddingBagConfig) -> str:
-    return "codebooks" if cfg.compressed else "weight"
+def _parameter_keys(cfg: QuantizedEmbeddingBagConfig) -> List[str]:
+    return [k for k in _state_keys(cfg) if k not in _BUFFER_KEYS]
 
 
-def _source_parameter(module: QuantizedEmbeddingBagCollection, table: str) -> nn.Parameter:
-    return getattr(module.embedding_bags[table], _parameter_key(module.embedding_bags[table].config))
+def _source_parameter(module: QuantizedEmbeddingBagCollection, table: str, key: str) -> nn.Parameter:
+    return getattr(module.embedding_bags[table], key)
 
 
 def _global_size(cfg: QuantizedEmbeddingBagConfig, key: str) -> torch.Size:
     if key == "weight":
         return torch.Size([cfg.num_embeddings, cfg.embedding_dim])
     if key == "codes":
-        return torch.Size([cfg.num_embeddings, cfg.num_subspaces])
+        return torch.Size([cfg.code_rows, cfg.num_subspaces])
+    if key == "fallback":
+        return torch.Size([cfg.fallback_rows, cfg.embedding_dim])
+    if key == "promoted_ids":
+        return torch.Size([cfg.promotion_slots])
     return torch.Size([cfg.num_subspaces, cfg.codebook_size, cfg.subspace_dim])
 
 
 def _key_dtype(cfg: QuantizedEmbeddingBagConfig, key: str) -> torch.dtype:
-    return cfg.code_dtype if key == "codes" else torch.float32
+    if key == "codes":
+        return cfg.code_dtype
+    return torch.int64 if key == "promoted_ids" else torch.float32
 
 
 def _key_metadata(cfg: QuantizedEmbeddingBagConfig, key: str, meta: ShardMetadata) -> ShardMetadata:
     """A shard of the table (rows x embedding columns) as a shard of ``codes``, ``codebooks`` or
-    ``weight``: embedding columns ``[c0, c0 + c)`` are subspaces ``[c0/d, (c0 + c)/d)``."""
+    ``weight``: embedding columns ``[c0, c0 + c)`` are subspaces ``[c0/d, (c0 + c)/d)``. A table
+    with a fallback is held whole (table-wise): its keys' shards are the whole tensors."""
     (r0, c0), (rows, cols) = meta.shard_offsets, meta.shard_sizes
     if key == "weight":
         return meta
+    if cfg.has_fallback and key != "codebooks":
+        size = list(_global_size(cfg, key))
+        return ShardMetadata([0] * len(size), size, meta.placement)
     d = cfg.subspace_dim
     if key == "codes":
         return ShardMetadata([r0, c0 // d], [rows, cols // d], meta.placement)
