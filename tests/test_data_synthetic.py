@@ -64,6 +64,27 @@ def test_power_law_popularity_with_permuted_ids(tmp_path):
     assert abs(np.corrcoef(id_rank, count_rank)[0, 1]) < 0.1
 
 
+def test_time_drift_brings_new_ids_after_its_start_only(tmp_path):
+    drift = dict(num_rows=20_000, table_sizes=(2000, 40, 5), num_dense=2)
+    ds = make(tmp_path, "drift", new_ids=(500, 0, 0), new_id_share=0.3, new_id_start=0.8,  # val on
+              **drift)
+    plain = make(tmp_path, "plain", **drift)
+    assert ds.num_embeddings == {"C1": 2000 + 500 + 1, "C2": 41, "C3": 6}
+    train, test = ds.arrays("train")["sparse"], ds.arrays("test")["sparse"]
+    assert train[:, 0].max() <= 2000  # stable ids are 1..2000, new ones 2001..2500
+    new = test[:, 0] > 2000
+    assert abs(new.mean() - 0.3) < 0.03
+    assert 50 < len(np.unique(test[new, 0])) <= 500
+    # Before the drift and in the other features, the rows are those of the same config without it.
+    np.testing.assert_array_equal(train, plain.arrays("train")["sparse"])
+    np.testing.assert_array_equal(test[:, 1:], plain.arrays("test")["sparse"][:, 1:])
+    np.testing.assert_array_equal(test[~new, 0], plain.arrays("test")["sparse"][~new, 0])
+    with pytest.raises(ValueError, match="new_ids needs one count >= 0 per table"):
+        SyntheticConfig(table_sizes=(10, 10), new_ids=(5,), new_id_share=0.2)
+    with pytest.raises(ValueError, match="new_id_share is 0"):
+        SyntheticConfig(table_sizes=(10,), new_ids=(5,))
+
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     out = tmp_path_factory.mktemp("planted")

@@ -51,6 +51,14 @@ class SyntheticConfig:
         dense_scale (float): standard deviation of the dense linear term.
         dense_missing_rate (float): probability that a dense value is missing (stored as 0).
         click_rate (float): the mean click probability the bias is calibrated to.
+        new_ids (Tuple[int, ...]): time drift (docs/data.md): per feature, how many new ids
+            appear from row ``new_id_start * num_rows`` on (0: none; empty: no drift). They
+            are numbered after the feature's ``table_sizes`` ids, so the encoded table has
+            ``table_size + new_ids + 1`` rows.
+        new_id_share (float): from then on, the share of a drifting feature's draws that are
+            new ids (Zipf-distributed over them with the same exponent).
+        new_id_start (float): when the new ids appear, as a fraction of the rows (rows are in
+            time order: the splits are contiguous, training first).
 
     Example::
 
@@ -71,9 +79,19 @@ class SyntheticConfig:
     dense_scale: float = 0.6
     dense_missing_rate: float = 0.1
     click_rate: float = 0.25
+    new_ids: Tuple[int, ...] = ()
+    new_id_share: float = 0.0
+    new_id_start: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "table_sizes", tuple(int(v) for v in self.table_sizes))
+        object.__setattr__(self, "new_ids", tuple(int(v) for v in self.new_ids))
+        if self.new_ids and (len(self.new_ids) != len(self.table_sizes) or min(self.new_ids) < 0):
+            raise ValueError("new_ids needs one count >= 0 per table (or none)")
+        if not (0 <= self.new_id_share <= 1 and 0 <= self.new_id_start <= 1):
+            raise ValueError("need 0 <= new_id_share <= 1 and 0 <= new_id_start <= 1")
+        if any(self.new_ids) and self.new_id_share == 0:
+            raise ValueError("new_ids given but new_id_share is 0: no new id would be drawn")
         if self.feature_weights is not None:
             object.__setattr__(self, "feature_weights",
                                tuple(float(w) for w in self.feature_weights))
@@ -88,8 +106,8 @@ class SyntheticConfig:
         object.__setattr__(self, "interaction_pairs", tuple((int(f), int(g)) for f, g in pairs))
         if self.num_rows < 1 or not self.table_sizes or self.num_dense < 0:
             raise ValueError("need num_rows >= 1, at least one table and num_dense >= 0")
-        if not all(1 <= v <= _MAX_TABLE_SIZE for v in self.table_sizes):
-            raise ValueError(f"table sizes must be in [1, {_MAX_TABLE_SIZE}]")
+        if not all(1 <= v + n <= _MAX_TABLE_SIZE for v, n in zip(self.table_sizes, self.ids_added)):
+            raise ValueError(f"table sizes (new ids included) must be in [1, {_MAX_TABLE_SIZE}]")
         if self.zipf_exponent <= 0 or self.latent_dim < 1:
             raise ValueError("need zipf_exponent > 0 and latent_dim >= 1")
         for f, g in self.interaction_pairs:
@@ -104,6 +122,16 @@ class SyntheticConfig:
     @property
     def num_sparse(self) -> int:
         return len(self.table_sizes)
+
+    @property
+    def ids_added(self) -> Tuple[int, ...]:
+        """New ids per feature (all 0 without drift)."""
+        return self.new_ids or (0,) * len(self.table_sizes)
+
+    @property
+    def first_new_row(self) -> int:
+        """The first row that may draw a new id."""
+        return int(round(self.new_id_start * self.num_rows))
 
     @property
     def schema(self) -> DataSchema:
@@ -165,6 +193,8 @@ class SyntheticClickModel:
                                   if cfg.interaction_pairs else 0.0)
         self._perm: List[Tuple[int, int]] = [self._permutation(f, v)
                                              for f, v in enumerate(cfg.table_sizes)]
+        self._new_perm: List[Tuple[int, int]] = [self._permutation(f, v, "new")
+                                                 for f, v in enumerate(cfg.ids_added) if v]
         didx = np.arange(cfg.num_dense, dtype=np.uint64)
         self.dense_log_mean: np.ndarray = 0.5 + 3.0 * uniform(didx, stream_key(seed, "dense_mu"))
         self.dense_log_std: np.ndarray = 0.5 + uniform(didx, stream_key(seed, "dense_sigma"))
@@ -181,12 +211,12 @@ class SyntheticClickModel:
         self.bias = 0.0
         self.bias = _calibrate_bias(self.logits(dense, ids), cfg.click_rate)
 
-    def _permutation(self, feature: int, num_ids: int) -> Tuple[int, int]:
+    def _permutation(self, feature: int, num_ids: int, kind: str = "") -> Tuple[int, int]:
         """(multiplier, offset) of the bijection rank -> (m * rank + c) mod num_ids."""
         for attempt in itertools.count():
-            m = stream_key(self.seed, "perm", feature, attempt) % num_ids
+            m = stream_key(self.seed, kind + "perm", feature, attempt) % num_ids
             if math.gcd(m, num_ids) == 1:
-                return m, stream_key(self.seed, "offset", feature) % num_ids
+                return m, stream_key(self.seed, kind + "offset", feature) % num_ids
         raise AssertionError("unreachable")
 
     def features(self, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -195,11 +225,22 @@ class SyntheticClickModel:
         cfg, seed = self.config, self.seed
         rows = np.arange(start, stop, dtype=np.uint64)
         ids = np.empty((len(rows), cfg.num_sparse), dtype=np.int64)
+        drifting = iter(self._new_perm)
         for f, num_ids in enumerate(cfg.table_sizes):
             ranks = zipf_ranks(uniform(rows, stream_key(seed, "zipf", f)), num_ids,
                                cfg.zipf_exponent)
             m, c = self._perm[f]
             ids[:, f] = (ranks * m + c) % num_ids  # < 2^62: no int64 overflow
+            added = cfg.ids_added[f]
+            if added:
+                # Rows in [first_new_row, num_rows) draw a new id with probability new_id_share
+                # (calibration rows, beyond num_rows, never do: the bias ignores the drift).
+                m, c = next(drifting)
+                new = ((rows >= cfg.first_new_row) & (rows < cfg.num_rows)
+                       & (uniform(rows, stream_key(seed, "new", f)) < cfg.new_id_share))
+                new_ranks = zipf_ranks(uniform(rows[new], stream_key(seed, "new_zipf", f)), added,
+                                       cfg.zipf_exponent)
+                ids[new, f] = num_ids + (new_ranks * m + c) % added
         dense = np.empty((len(rows), cfg.num_dense), dtype=np.float32)
         for j in range(cfg.num_dense):
             z = normal(rows, stream_key(seed, "dense", j))
@@ -306,8 +347,8 @@ def write_synthetic(config: SyntheticConfig, out_dir: str, *, seed: int, split: 
     return {
         "schema": schema.to_dict(),
         "num_rows": dict(zip(SPLITS, sizes)),
-        "num_embeddings": {name: v + 1 for name, v in zip(schema.sparse_names,
-                                                          config.table_sizes)},
+        "num_embeddings": {name: v + n + 1 for name, v, n in zip(
+            schema.sparse_names, config.table_sizes, config.ids_added)},
         "synthetic": {"config": asdict(config), "seed": seed, "bias": model.bias,
                       "feature_scales": model.feature_scales.tolist(),
                       "dense_weights": model.dense_weights.tolist()},
