@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.pipeline_testing import repo_env, tiny_flags
-from torchrec_mec.pipeline import STAGE_NAMES
+from torchrec_mec.pipeline import RUN_STAGE_NAMES, STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def test_local_scheduler_runs_the_pipeline_on_two_processes(tmp_path):
     assert [e["epoch"] for e in report["training"]["pretrain"]["epochs"]] == [0, 1]
     assert sum(t["compressed"] for t in report["tables"].values()) == 2
     assert "tables compressed" in done.stdout + done.stderr
-    for stage in STAGE_NAMES:
+    for stage in RUN_STAGE_NAMES:
         record = json.loads((Path(out) / "lineage" / f"{stage}.json").read_text())
         assert record["world_size"] == 2
     assert (Path(out) / "mec.lock").read_text() == "", "the job released the lock"

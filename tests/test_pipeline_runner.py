@@ -15,6 +15,7 @@ import pytest
 from tests.pipeline_testing import repo_env, tiny_flags, tiny_settings
 from torchrec_mec.cli import build_parser, main
 from torchrec_mec.pipeline import (
+    RUN_STAGE_NAMES,
     STAGE_NAMES,
     STAGES,
     DataSource,
@@ -55,7 +56,9 @@ def _mtimes(out):
 
 
 def test_graph_orders_stages_by_what_they_read():
-    assert STAGE_NAMES == ("prepare", "pretrain", "compress", "finetune", "evaluate", "report")
+    assert STAGE_NAMES == ("prepare", "pretrain", "compress", "finetune", "evaluate", "report",
+                           "update")
+    assert RUN_STAGE_NAMES == STAGE_NAMES[:6]
     for i, stage in enumerate(STAGES):
         for path in stage.inputs:  # each input is written by an earlier stage
             assert STAGE_NAMES.index(producer(path).name) < i, (stage.name, path)
@@ -201,7 +204,7 @@ def test_two_runs_into_one_directory_at_once(tmp_path):
     seeds = {report["settings"]["pretrain"]["seed"], report["settings"]["finetune"]["seed"],
              report["settings"]["compress"]["quantizer"]["seed"]}
     assert seeds == {0}
-    for stage in STAGE_NAMES:  # every stage's lineage is the first run's, and it verifies
+    for stage in RUN_STAGE_NAMES:  # every stage's lineage is the first run's, and it verifies
         record, _ = read_record(out, stage)
         for files in record.outputs.values():
             assert files == {f: _sha256(os.path.join(out, f)) for f in files}

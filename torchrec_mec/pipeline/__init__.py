@@ -11,12 +11,13 @@ tests go through the same runner, and notebooks can call the stage functions dir
 Stages and what they write under a run directory ``DIR`` (see ``graph.py``): ``prepare`` ->
 ``DIR/data``, ``pretrain`` -> ``DIR/pretrain``, ``compress`` -> ``DIR/compress``, ``finetune``
 -> ``DIR/finetune``, ``evaluate`` -> ``DIR/evaluate``, ``report`` -> ``DIR/report.json`` and
-``DIR/plots/``; each one's lineage in ``DIR/lineage/<stage>.json``.
+``DIR/plots/``; each one's lineage in ``DIR/lineage/<stage>.json``. ``update`` (``mec update``,
+not part of ``run``) -> ``DIR/update``: new ids promoted to codes (docs/new_ids.md).
 """
 from torchrec_mec.pipeline.compress import compress, load_compressed
 from torchrec_mec.pipeline.evaluate import Metrics, evaluate, evaluate_model, read_metrics
 from torchrec_mec.pipeline.finetune import compressed_model, finetune
-from torchrec_mec.pipeline.graph import STAGE_NAMES, STAGES, Stage, StageCall
+from torchrec_mec.pipeline.graph import RUN_STAGE_NAMES, STAGE_NAMES, STAGES, Stage, StageCall
 from torchrec_mec.pipeline.lock import RunLock, RunLockedError
 from torchrec_mec.pipeline.outputs import load_model, stage_dir
 from torchrec_mec.pipeline.prepare import FORMATS, DataSource, prepare
@@ -30,21 +31,26 @@ from torchrec_mec.pipeline.settings import (
     CompressSettings,
     DataSettings,
     EvaluateSettings,
+    NewIdSettings,
     Settings,
     SettingsError,
     TrainSettings,
+    UpdateSettings,
     load_settings,
 )
+from torchrec_mec.pipeline.update import update
 
 __all__ = [
     "FORMATS",
     "PRESETS",
+    "RUN_STAGE_NAMES",
     "STAGES",
     "STAGE_NAMES",
     "CompressSettings",
     "DataSettings",
     "DataSource",
     "EvaluateSettings",
+    "NewIdSettings",
     "Metrics",
     "RunLock",
     "RunLockedError",
@@ -56,6 +62,7 @@ __all__ = [
     "StageOutcome",
     "TrainSettings",
     "TrainingDivergedError",
+    "UpdateSettings",
     "build_report",
     "compress",
     "compressed_model",
@@ -73,5 +80,6 @@ __all__ = [
     "run_stages",
     "stage_dir",
     "summary",
+    "update",
     "write_report",
 ]

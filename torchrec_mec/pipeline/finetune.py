@@ -1,15 +1,19 @@
 """Stage 3: the same model with a QuantizedEmbeddingBagCollection, trained on frozen codes."""
+import math
 import os
 from dataclasses import asdict
-from typing import NamedTuple
+from typing import Any, Dict, Mapping, NamedTuple
 
 import torch
 
 from torchrec_mec.data import EncodedDataset
 from torchrec_mec.models import CTRModel, build_model
 from torchrec_mec.pipeline.compress import COMPRESSED_FILE, load_compressed
+from torchrec_mec.artifacts import load_artifact
 from torchrec_mec.pipeline.outputs import (
     CHECKPOINT_FILE,
+    COUNTS_FILE,
+    COUNTS_KIND,
     EMBEDDING_PREFIX,
     MODEL_FILE,
     TABLES_FILE,
@@ -19,7 +23,7 @@ from torchrec_mec.pipeline.outputs import (
     save_model,
 )
 from torchrec_mec.pipeline.parallel import barrier, init_distributed
-from torchrec_mec.pipeline.settings import Settings
+from torchrec_mec.pipeline.settings import NewIdSettings, Settings
 from torchrec_mec.pipeline.training import drop_checkpoint, remove_checkpoint, train_model
 
 
@@ -37,28 +41,67 @@ class FinetuneOutput(NamedTuple):
     tables_uri: str
 
 
-def compressed_model(pretrain_dir: str, compress_dir: str) -> CTRModel:
+def new_id_tables(counts: Mapping[str, torch.Tensor], compressed: Mapping[str, Any],
+                  settings: NewIdSettings) -> Dict[str, Dict[str, int]]:
+    """Per compressed table with new ids, its new-id settings for ``build_model``: the coded
+    ids are those up to the last id of the training split (``counts``: its occurrences per
+    id); the ids after them are new (ids are numbered in order of appearance).
+
+    Example::
+
+        >>> new_id_tables({"t_C1": torch.tensor([0, 5, 0, 2, 0, 0, 0, 0])}, {"t_C1": None},
+        ...               NewIdSettings(fallback_fraction=0.5, promotion_fraction=0.25))
+        {'t_C1': {'coded_rows': 4, 'fallback_rows': 2, 'promotion_slots': 1}}
+    """
+    if not settings.fallback_fraction:
+        return {}
+    tables = {}
+    for t in compressed:
+        seen = counts[t].nonzero()
+        coded = max(int(seen[-1]) + 1 if seen.numel() else 1, 1)
+        new = counts[t].numel() - coded
+        if new:
+            tables[t] = {"coded_rows": coded,
+                         "fallback_rows": math.ceil(settings.fallback_fraction * coded),
+                         "promotion_slots": min(new, math.ceil(settings.promotion_fraction * coded))}
+    return tables
+
+
+def compressed_model(pretrain_dir: str, compress_dir: str,
+                     new_ids: NewIdSettings = NewIdSettings()) -> CTRModel:
     """The pre-trained model with its embedding collection swapped for a QEBC: codes and
     codebooks from stage 2 for the compressed tables, the trained weights for the others, and
-    the trained dense, interaction and over arch.
+    the trained dense, interaction and over arch. With ``new_ids.fallback_fraction``, each
+    compressed table with ids after those of the training split (:func:`new_id_tables`) gets
+    a fallback table for them (initial values from its config's ``init_fn``).
 
     Raises:
         ArtifactError: an input file missing or corrupted (names it).
     """
     baseline, _ = load_model(pretrain_dir)
     compressed = load_compressed(compress_dir)
+    counts, _ = load_artifact(os.path.join(pretrain_dir, COUNTS_FILE), expect_kind=COUNTS_KIND)
+    fallbacks = new_id_tables(counts, compressed, new_ids)
     ebc = baseline.embedding_bag_collection
     model = build_model(baseline.config, baseline.num_dense,
                         [f for cfg in ebc.embedding_bag_configs() for f in cfg.feature_names],
                         {f: cfg.num_embeddings for cfg in ebc.embedding_bag_configs()
                          for f in cfg.feature_names},
                         compressed={t: (c.codebooks.shape[0], c.codebooks.shape[1])
-                                    for t, c in compressed.items()})
+                                    for t, c in compressed.items()},
+                        new_ids=fallbacks)
     replaced = {f"{EMBEDDING_PREFIX}embedding_bags.{t}.weight" for t in compressed}
     state = {k: v for k, v in baseline.state_dict().items() if k not in replaced}
+    qebc = model.embedding_bag_collection
     for t, c in compressed.items():
-        state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codes"] = c.codes
+        codes = c.codes
+        if t in fallbacks:  # stage 2's codes of the coded ids, then the promotion slots' rows
+            codes = torch.cat([codes[: fallbacks[t]["coded_rows"]],
+                               qebc.embedding_bags[t].codes[fallbacks[t]["coded_rows"]:]])
+        state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codes"] = codes
         state[f"{EMBEDDING_PREFIX}embedding_bags.{t}.codebooks"] = c.codebooks
+    state.update({k: v for k, v in model.state_dict().items()
+                  if k.endswith((".fallback", ".promoted_ids"))})
     model.load_state_dict(state, strict=True)
     return model
 
@@ -97,15 +140,17 @@ def finetune(
     ctx = init_distributed()
     out = FinetuneOutput(os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, TABLES_FILE))
     checkpoint = os.path.join(out_dir, CHECKPOINT_FILE)
-    scope = {"finetune": settings.finetune, "eval_batch_size": settings.evaluate.batch_size}
+    scope = {"finetune": settings.finetune, "eval_batch_size": settings.evaluate.batch_size,
+             "new_ids": settings.new_ids}
     want = fingerprint(scope, os.path.join(data_dir, "manifest.json"),
                        os.path.join(pretrain_dir, MODEL_FILE),
                        os.path.join(pretrain_dir, TABLES_FILE),
+                       os.path.join(pretrain_dir, COUNTS_FILE),
                        os.path.join(compress_dir, COMPRESSED_FILE))
     if force:
         drop_checkpoint(checkpoint, ctx)
     dataset = EncodedDataset(data_dir)
-    model = compressed_model(pretrain_dir, compress_dir)
+    model = compressed_model(pretrain_dir, compress_dir, settings.new_ids)
     torch.manual_seed(settings.finetune.seed)
     arch = architecture(model)  # before DMP shards the model in place
     result = train_model(model, dataset, settings.finetune, ctx=ctx, checkpoint_uri=checkpoint,

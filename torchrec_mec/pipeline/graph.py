@@ -32,7 +32,9 @@ from torchrec_mec.pipeline.settings import (
     Settings,
     check_compress,
     check_training,
+    check_update,
 )
+from torchrec_mec.pipeline.update import PROMOTED_FILE, update
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,13 @@ def _pretrain_reads(c: StageCall) -> Dict[str, Any]:
 
 def _finetune_reads(c: StageCall) -> Dict[str, Any]:
     s = c.need_settings()
-    return {"finetune": s.finetune, "eval_batch_size": s.evaluate.batch_size}
+    return {"finetune": s.finetune, "eval_batch_size": s.evaluate.batch_size,
+            "new_ids": s.new_ids}
+
+
+def _update_reads(c: StageCall) -> Dict[str, Any]:
+    s = c.need_settings()
+    return {"update": s.update, "eval_batch_size": s.evaluate.batch_size}
 
 
 def _prepare_reads(c: StageCall) -> Dict[str, Any]:
@@ -148,6 +156,11 @@ def _evaluate(c: StageCall) -> None:
              c.need_settings(), progress=c.progress)
 
 
+def _update(c: StageCall) -> None:
+    update(c.folder("data"), c.folder("finetune"), c.folder("update"), c.need_settings(),
+           force=c.force, progress=c.progress)
+
+
 def _report(c: StageCall) -> None:
     def on_main() -> None:
         write_report(c.run_dir)
@@ -172,7 +185,7 @@ STAGES: Tuple[Stage, ...] = (
           reads=lambda c: c.need_settings().compress, body=_compress,
           check=lambda s, d, w: check_compress(s, d)),
     Stage("finetune", "stage 3: train the model on codes (QuantizedEmbeddingBagCollection)",
-          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_FILE),
+          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_FILE, COUNTS_FILE),
                   *_files("compress", COMPRESSED_FILE)),
           outputs=_files("finetune", MODEL_FILE, TABLES_FILE), reads=_finetune_reads,
           body=_finetune, needs_rows=("train",),
@@ -187,6 +200,11 @@ STAGES: Tuple[Stage, ...] = (
                   *_files("compress", COMPRESSED_FILE), *_files("finetune", MODEL_FILE),
                   *_files("evaluate", METRICS_FILE)),
           outputs=(REPORT_FILE, PLOTS_DIR + "/"), reads=None, body=_report),
+    Stage("update", "new ids: train the fine-tuned model on the traffic since compression "
+                    "(update.split), then give the busiest new ids codes (no stage 2 rerun)",
+          inputs=("data/", *_files("finetune", MODEL_FILE, TABLES_FILE)),
+          outputs=_files("update", MODEL_FILE, TABLES_FILE, PROMOTED_FILE), reads=_update_reads,
+          body=_update, check=check_update),
 )
 """Every stage, in an order where each one comes after the stages it reads from."""
 
@@ -240,7 +258,7 @@ def downstream(name: str) -> List[Stage]:
     """The stages that depend on ``name``, directly or not, in graph order.
 
     >>> [s.name for s in downstream("finetune")]
-    ['evaluate', 'report']
+    ['evaluate', 'report', 'update']
     """
     return [s for s in STAGES if s.name != name and name in {u.name for u in upstream(s.name)}]
 
@@ -272,3 +290,7 @@ def _plain(value: Any) -> Any:
 
 
 _check_graph()
+
+RUN_STAGE_NAMES: Tuple[str, ...] = tuple(s.name for s in upstream("report"))
+"""The stages ``mec run`` brings up to date: everything the report reads (not ``update``, which
+runs on its own, after fine-tuning)."""

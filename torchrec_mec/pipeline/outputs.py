@@ -9,6 +9,7 @@ A run directory holds one folder per stage::
     DIR/compress/        one artifact per compressed table, written by the quantizer driver
     DIR/finetune/        model.mec, tables.mec of the compressed model, checkpoint.mec
     DIR/evaluate/        metrics.mec
+    DIR/update/          model.mec, tables.mec, promoted.mec (``mec update``: new ids promoted)
     DIR/report.json, DIR/plots/*.png
 
     DIR/lineage/<stage>.json   what each stage read and wrote (``lineage.py``)
@@ -30,7 +31,7 @@ from iopath.common.file_io import g_pathmgr
 from torchrec_mec.artifacts import ArtifactError, load_artifact, read_artifact_header, save_artifact
 from torchrec_mec.models import CTRModel, ModelConfig, build_model
 
-STAGE_FOLDERS = ("data", "pretrain", "compress", "finetune", "evaluate")
+STAGE_FOLDERS = ("data", "pretrain", "compress", "finetune", "evaluate", "update")
 MODEL_FILE, TABLES_FILE, COUNTS_FILE, CHECKPOINT_FILE = (
     "model.mec", "tables.mec", "counts.mec", "checkpoint.mec")
 METRICS_FILE = "metrics.mec"
@@ -74,8 +75,8 @@ def fingerprint(settings: Any, *inputs: str) -> str:
 
 
 def architecture(model: CTRModel) -> Dict[str, Any]:
-    """What :func:`load_model` needs to rebuild ``model``: its ``ModelConfig``, data layout and
-    which tables are compressed (M, K). Take it before training: ``DistributedModelParallel``
+    """What :func:`load_model` needs to rebuild ``model``: its ``ModelConfig``, data layout,
+    which tables are compressed (M, K) and which have a fallback for new ids. Take it before training: ``DistributedModelParallel``
     replaces the model's embedding collection with its sharded twin in place.
 
     Example::
@@ -89,17 +90,23 @@ def architecture(model: CTRModel) -> Dict[str, Any]:
 
     ebc = model.embedding_bag_collection
     configs = ebc.embedding_bag_configs()
-    compressed = None
+    compressed, new_ids = None, {}
     if isinstance(ebc, QuantizedEmbeddingBagCollection):
         compressed = {cfg.name: [cfg.num_subspaces, cfg.codebook_size]
                       for cfg in configs if cfg.compressed}
-    return {
+        new_ids = {cfg.name: {"coded_rows": cfg.coded_rows, "fallback_rows": cfg.fallback_rows,
+                              "promotion_slots": cfg.promotion_slots}
+                   for cfg in configs if cfg.has_fallback}
+    arch = {
         "model": asdict(model.config),
         "num_dense": model.num_dense,
         "sparse_names": [f for cfg in configs for f in cfg.feature_names],
         "num_embeddings": {f: cfg.num_embeddings for cfg in configs for f in cfg.feature_names},
         "compressed": compressed,
     }
+    if new_ids:  # tables with a fallback for new ids (docs/new_ids.md)
+        arch["new_ids"] = new_ids
+    return arch
 
 
 def save_model(out_dir: str, model_state: Mapping[str, torch.Tensor], arch: Mapping[str, Any],
@@ -158,7 +165,8 @@ def load_model(model_dir: str) -> Tuple[CTRModel, Dict[str, Any]]:
     model = build_model(ModelConfig(**arch["model"]), arch["num_dense"], arch["sparse_names"],
                         arch["num_embeddings"],
                         compressed={t: tuple(mk) for t, mk in compressed.items()}
-                        if compressed is not None else None)
+                        if compressed is not None else None,
+                        new_ids=arch.get("new_ids"))
     state = dict(dense)
     state.update({EMBEDDING_PREFIX + k: v for k, v in tables.items()})
     try:

@@ -107,7 +107,8 @@ def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.M
     the compressed collection, ``QuantizedEmbeddingBagCollectionSharder``, both with Adagrad
     fused into the backward pass (FBGEMM's ``EXACT_ADAGRAD``; ``torch.optim.Adagrad`` for
     codebooks), the same update as the unsharded path's ``torch.optim.Adagrad``. DMP re-initialises
-    sharded tables, so the caller loads the model's state afterwards (``load_state``).
+    sharded tables, so the caller loads the model's state afterwards (``load_state``). Tables
+    with a fallback for new ids are planned table-wise or data-parallel (``new_id_constraints``).
     """
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -120,7 +121,10 @@ def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.M
     sharders: List[Any] = [EmbeddingBagCollectionSharder(fused_params=fused)]
     if any(isinstance(m, QuantizedEmbeddingBagCollection) for m in model.modules()):
         try:
-            from torchrec_mec.distributed import QuantizedEmbeddingBagCollectionSharder
+            from torchrec_mec.distributed import (
+                QuantizedEmbeddingBagCollectionSharder,
+                new_id_constraints,
+            )
         except ImportError as e:
             raise RuntimeError(
                 "training a compressed model on several processes needs "
@@ -128,6 +132,19 @@ def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.M
                 f"installation lacks ({e}); run the stage in one process"
             ) from e
         sharders.insert(0, QuantizedEmbeddingBagCollectionSharder(fused_params=fused))
+        constraints = {k: v for m in model.modules()
+                       if isinstance(m, QuantizedEmbeddingBagCollection)
+                       for k, v in new_id_constraints(m).items()}
+        if constraints:  # tables with a fallback for new ids: table-wise or data-parallel
+            from torchrec.distributed.comm import get_local_size
+            from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+
+            planner = EmbeddingShardingPlanner(
+                topology=Topology(local_world_size=get_local_size(ctx.world_size), world_size=ctx.world_size,
+                                  compute_device=ctx.device.type),
+                constraints=constraints)
+            plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+            return DistributedModelParallel(model, device=ctx.device, sharders=sharders, plan=plan)
     return DistributedModelParallel(model, device=ctx.device, sharders=sharders)
 
 

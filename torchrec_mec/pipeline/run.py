@@ -1,7 +1,7 @@
 """``run``: MEC end to end, every stage of the graph brought up to date, then the report."""
 from typing import Any, Dict, Optional
 
-from torchrec_mec.pipeline.graph import STAGE_NAMES
+from torchrec_mec.pipeline.graph import RUN_STAGE_NAMES
 from torchrec_mec.pipeline.parallel import init_distributed
 from torchrec_mec.pipeline.prepare import DataSource
 from torchrec_mec.pipeline.report import read_report
@@ -37,6 +37,6 @@ def run(
         Dict[str, Any]: the report (also in ``out_dir/report.json``) on rank 0; ``{}`` on the
         other ranks.
     """
-    run_stages(out_dir, "report", settings, source=DataSource(format, data), redo=STAGE_NAMES,
-               force=STAGE_NAMES if force else (), progress=progress)
+    run_stages(out_dir, "report", settings, source=DataSource(format, data),
+               redo=RUN_STAGE_NAMES, force=RUN_STAGE_NAMES if force else (), progress=progress)
     return read_report(out_dir) if init_distributed().is_main else {}

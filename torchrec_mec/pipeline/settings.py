@@ -185,6 +185,82 @@ class EvaluateSettings:
 
 
 @dataclass(frozen=True)
+class NewIdSettings:
+    """Fallback tables for ids first seen after compression (docs/new_ids.md), built into the
+    compressed model by stage 3.
+
+    A compressed table's coded ids are those up to the last id its training split holds (ids
+    are numbered in order of appearance, so later ones are new). A table with ids beyond them
+    gets a hashed fallback table of ``ceil(fallback_fraction * coded ids)`` rows and
+    ``ceil(promotion_fraction * coded ids)`` promotion slots (at most its new ids).
+
+    Args:
+        fallback_fraction (float): fallback rows per coded id; 0: no fallback tables (new ids
+            are then out of range for the compressed model).
+        promotion_fraction (float): promotion slots per coded id (``mec update``); needs
+            ``fallback_fraction > 0``.
+
+    Example::
+
+        >>> NewIdSettings(fallback_fraction=0.01, promotion_fraction=0.02).fallback_fraction
+        0.01
+    """
+
+    fallback_fraction: float = 0.0
+    promotion_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.fallback_fraction <= 1 and 0 <= self.promotion_fraction <= 1):
+            raise ValueError("new_ids.fallback_fraction and new_ids.promotion_fraction must be in "
+                             f"[0, 1]: {self}")
+        if self.promotion_fraction and not self.fallback_fraction:
+            raise ValueError("new_ids.promotion_fraction needs new_ids.fallback_fraction > 0 "
+                             "(ids are promoted from their fallback rows)")
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """``mec update``: trains the fine-tuned model on the traffic since compression, then gives
+    the new ids seen at least ``min_count`` times there codes of their own (promotion).
+
+    Args:
+        split (str): the split that holds the traffic since compression (``val`` in a time
+            split whose training rows came first).
+        min_count (int): least occurrences in ``split`` for a new id to be promoted.
+        epochs (int): passes over ``split`` before promoting (0: promote only).
+        batch_size (int): global batch size.
+        dense_lr (float): Adam learning rate of the dense parts.
+        embedding_lr (float): Adagrad learning rate of tables, codebooks and fallback tables.
+        seed (int): shuffling.
+
+    Example::
+
+        >>> UpdateSettings(min_count=5).train_settings().keep_best
+        False
+    """
+
+    split: str = "val"
+    min_count: int = 10
+    epochs: int = 1
+    batch_size: int = 8192
+    dense_lr: float = 1e-3
+    embedding_lr: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "val", "test"):
+            raise ValueError(f"update.split must be train, val or test, got {self.split!r}")
+        if self.min_count < 1 or self.epochs < 0:
+            raise ValueError(f"need update.min_count >= 1 and update.epochs >= 0: {self}")
+
+    def train_settings(self) -> TrainSettings:
+        """The training loop's settings (no validation split to keep a best epoch by)."""
+        return TrainSettings(epochs=max(self.epochs, 1), batch_size=self.batch_size,
+                             dense_lr=self.dense_lr, embedding_lr=self.embedding_lr,
+                             seed=self.seed, keep_best=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the pipeline's stages read, one section per stage.
 
@@ -201,6 +277,8 @@ class Settings:
     compress: CompressSettings = field(default_factory=CompressSettings)
     finetune: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    new_ids: NewIdSettings = field(default_factory=NewIdSettings)
+    update: UpdateSettings = field(default_factory=UpdateSettings)
 
     def __post_init__(self) -> None:
         m, d = self.compress.quantizer.num_subspaces, self.model.embedding_dim
@@ -346,6 +424,29 @@ def check_training(section: str, train: TrainSettings, data: DataFacts, world_si
     if data.num_rows["val"] == 0:
         logger.warning("%s: the validation split is empty (%s): no per-epoch validation, and "
                        "%s.keep_best keeps the last epoch", section, data.splits(), section)
+
+
+def check_update(settings: "Settings", data: DataFacts, world_size: int) -> None:
+    """Checks ``mec update`` before any stage runs: fallback tables are asked for
+    (``new_ids.fallback_fraction``), its split has rows and its batch splits over the processes.
+
+    Example::
+
+        >>> check_update(Settings(), DataFacts({"train": 8, "val": 1, "test": 1}, {}), 1)
+        Traceback (most recent call last):
+        ...
+        torchrec_mec.pipeline.settings.SettingsError: update promotes new ids from their fallback tables, but new_ids.fallback_fraction is 0: set it (and new_ids.promotion_fraction) and run finetune again
+    """
+    if not settings.new_ids.fallback_fraction:
+        raise SettingsError("update promotes new ids from their fallback tables, but "
+                            "new_ids.fallback_fraction is 0: set it (and "
+                            "new_ids.promotion_fraction) and run finetune again")
+    u = settings.update
+    if data.num_rows[u.split] == 0:
+        raise SettingsError(f"update.split {u.split!r} is empty ({data.splits()})")
+    if u.batch_size % world_size:
+        raise SettingsError(f"update.batch_size ({u.batch_size}) is not divisible by the number "
+                            f"of processes ({world_size})")
 
 
 def check_compress(settings: "Settings", data: DataFacts) -> None:

@@ -149,8 +149,10 @@ def train_model(
     desc: str = "train",
     progress: bool = True,
     start_competes: bool = True,
+    split: str = "train",
+    validate: bool = True,
 ) -> TrainResult:
-    """Trains ``model`` on the training split, validating after each epoch.
+    """Trains ``model`` on the training split (or ``split``), validating after each epoch.
 
     With ``settings.keep_best`` the starting state is validated too, and the state of the epoch
     with the lowest validation log loss is returned (early stopping by selection: on small data
@@ -173,6 +175,9 @@ def train_model(
         start_competes (bool): whether ``keep_best`` may keep the starting state (epoch 0).
             False for a model trained from its random initialisation: that state is validated
             for the curves but is no result to keep.
+        split (str): the split to train on (``mec update`` trains on the traffic since
+            compression).
+        validate (bool): validate on ``val`` after each epoch (False when training on it).
 
     Returns:
         TrainResult: the full trained state (rank 0) and the history.
@@ -208,16 +213,17 @@ def train_model(
         epoch, skip, history, best = resumed
         logger.info("%s: resuming from %s (epoch %d, step %d)", desc, checkpoint_uri,
                     epoch + 1, skip)
-    keep_best = settings.keep_best and dataset.num_rows("val") > 0
+    validate = validate and dataset.num_rows("val") > 0
+    keep_best = settings.keep_best and validate
     if keep_best and not history.epochs:
         best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc,
                          start_competes, None)
-    steps_per_epoch = dataset.num_batches("train", local_batch, world_size=ctx.world_size)
+    steps_per_epoch = dataset.num_batches(split, local_batch, world_size=ctx.world_size)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + skip,
                desc=desc, unit="step", disable=not (progress and ctx.is_main), dynamic_ncols=True)
     while epoch < settings.epochs:
         runner.train()
-        batches = dataset.batches("train", local_batch, shuffle=True, seed=settings.seed + epoch,
+        batches = dataset.batches(split, local_batch, shuffle=True, seed=settings.seed + epoch,
                                   rank=ctx.rank, world_size=ctx.world_size)
         for step, batch in enumerate(batches):
             if step < skip:
@@ -240,7 +246,7 @@ def train_model(
         skip = 0
         epoch += 1
         epoch_losses = history.step_loss[-steps_per_epoch:]
-        if dataset.num_rows("val") > 0:
+        if validate:
             best = _validate(runner, dataset, eval_batch_size, ctx, history, epoch,
                              sum(epoch_losses) / len(epoch_losses), desc, keep_best, best)
             if ctx.is_main:
