@@ -18,6 +18,12 @@ Baselines:
     compiled operator is absent), to show what the operator changed.
 Ours: the QEBC through the compiled operator, trained with ``torch.optim.SGD``.
 
+New ids (docs/new_ids.md): "QEBC + fallback" is the same QEBC where each compressed table's last
+``--new-share`` of ids (20% by default) are new ids: no codes, served by a hashed fallback table
+of 1% of the table's rows, with 1% of its rows promoted. The ids are the same batches (scattered
+over the table, so about that share of the lookups are new ids); its ratio against the QEBC is
+the cost of the fallback on the fast path, measured in the same run.
+
 Memory: "stored" is the tables (and optimizer state: none for SGD); "peak" is the most memory
 a step allocates beyond that (torch's CPU allocator, via the profiler): outputs, saved tensors,
 gradients, temporaries. The upstream gradient of the pooled output is allocated once, outside.
@@ -25,6 +31,7 @@ gradients, temporaries. The upstream gradient of the pooled output is allocated 
     PYTHONPATH=. python benchmarks/lookup.py --quick     # smoke test, well under a minute
     PYTHONPATH=. python benchmarks/lookup.py             # the figures in docs/performance.md
     PYTHONPATH=. python benchmarks/lookup.py --profile   # where the QEBC's time goes (profiler)
+    PYTHONPATH=. python benchmarks/lookup.py --rows-cap 400000  # smaller tables (shared machines)
 """
 import argparse
 import gc
@@ -51,6 +58,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
 from torchrec_mec.modules import ProductQuantizedTable
 from torchrec_mec.ops.fast_lookup import cpu_operator_available
+from torchrec_mec.quantize import promote_ids
 
 # Rows of the 26 categorical features of the Criteo Kaggle (Display Advertising) data set.
 CRITEO_KAGGLE_ROWS = [
@@ -90,6 +98,42 @@ def criteo_tables(
         )
         for i, rows in enumerate(CRITEO_KAGGLE_ROWS)
     ]
+
+
+def with_new_ids(configs: List[QuantizedEmbeddingBagConfig], new_share: float,
+                 fallback_share: float = 0.01) -> List[QuantizedEmbeddingBagConfig]:
+    """The same tables, each compressed one with its last ``new_share`` of ids new: served by a
+    fallback of ``fallback_share`` of its rows, with as many promotion slots."""
+    out = []
+    for c in configs:
+        if not c.compressed:
+            out.append(c)
+            continue
+        coded = max(1, int(round(c.num_embeddings * (1 - new_share))))
+        extra = max(1, int(c.num_embeddings * fallback_share))
+        out.append(QuantizedEmbeddingBagConfig(
+            name=c.name, num_embeddings=c.num_embeddings, embedding_dim=c.embedding_dim,
+            feature_names=c.feature_names, num_subspaces=c.num_subspaces,
+            codebook_size=c.codebook_size, coded_rows=coded, fallback_rows=extra,
+            promotion_slots=min(extra, c.num_embeddings - coded)))
+    return out
+
+
+def new_id_traffic(qebc: QuantizedEmbeddingBagCollection, batches) -> str:
+    """The share of the compressed tables' lookups that read new ids, and promoted ones."""
+    new = promoted = total = 0
+    for kjt in batches:
+        for cfg in qebc.embedding_bag_configs():
+            module = qebc.embedding_bags[cfg.name]
+            if not isinstance(module, ProductQuantizedTable) or module.promoted_ids is None:
+                continue
+            for f in cfg.feature_names:
+                ids = kjt[f].values()
+                total += ids.numel()
+                new += int((ids >= module.coded_rows).sum())
+                promoted += int(torch.isin(ids, module.promoted_ids).sum())
+    return (f"QEBC + fallback: {100 * new / total:.1f}% of compressed-table lookups are new ids, "
+            f"{100 * promoted / total:.1f}% promoted ones")
 
 
 def zipf_ids(rng: np.random.Generator, rows: int, count: int, exponent: float = 1.05) -> np.ndarray:
@@ -197,8 +241,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: all cores)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile QEBC training steps, before and now")
+    parser.add_argument("--rows-cap", type=int, help="override the rows cap of the tables")
+    parser.add_argument("--new-share", type=float, default=0.2,
+                        help="share of each compressed table's ids that are new in the "
+                             "'QEBC + fallback' method (default 0.2)")
     args = parser.parse_args()
     setup = QUICK if args.quick else FULL
+    if args.rows_cap:
+        setup = Setup(**{**vars(setup), "rows_cap": args.rows_cap})
     if args.threads:
         torch.set_num_threads(args.threads)
     ids_per_bag = args.ids_per_bag or setup.ids_per_bag
@@ -245,11 +295,26 @@ def main() -> None:
                 module.codebooks.normal_(0, 0.01)
     qebc_opt = torch.optim.SGD(qebc.parameters(), lr=0.01)
     tbe_bytes = tbe.weights_host.numel() * 4
+    # The same codes and codebooks, with new ids served by fallback tables.
+    fallback = QuantizedEmbeddingBagCollection(with_new_ids(configs, args.new_share))
+    with torch.no_grad():
+        for name, module in fallback.embedding_bags.items():
+            source = qebc.embedding_bags[name]
+            if isinstance(module, ProductQuantizedTable):
+                module.codes[: module.coded_rows].copy_(source.codes[: module.coded_rows])
+                module.codebooks.copy_(source.codebooks)
+                assert module.promoted_ids is not None
+                slots = module.promoted_ids.numel()
+                promote_ids(fallback, name, torch.arange(module.coded_rows, module.coded_rows + slots))
+            else:
+                module.weight.copy_(source.weight)
+    fallback_opt = torch.optim.SGD(fallback.parameters(), lr=0.01)
 
     rows: List[str] = []
     for L in ids_per_bag:
         batches = make_batches(configs, setup.batch, L, setup.num_batches, seed=L)
         tbe_inputs = [(kjt.values(), kjt.offsets()) for kjt in batches]
+        rows.append(f"{'new ids L=' + str(L):<14} " + new_id_traffic(fallback, batches))
         upstream = torch.randn(setup.batch, sum(c.embedding_dim for c in configs))
 
         def no_grad(fn: Callable[[int], object]) -> Callable[[int], None]:
@@ -265,6 +330,8 @@ def main() -> None:
             Method("EBC (TorchRec)", no_grad(lambda i: ebc(batches[i])), module_bytes(ebc)),
             Method("TBE (FBGEMM)", no_grad(lambda i: tbe(*tbe_inputs[i])), tbe_bytes),
             Method("QEBC before (FBGEMM TBE path)", no_grad(qebc_before), module_bytes(qebc)),
+            Method("QEBC + fallback", no_grad(lambda i: fallback(batches[i])),
+                   module_bytes(fallback)),
             Method("QEBC", no_grad(lambda i: qebc(batches[i])), module_bytes(qebc)),
         ]
         run_interleaved(forward, setup.repeats, setup.num_batches)
@@ -288,10 +355,16 @@ def main() -> None:
             qebc_opt.step()
             qebc_opt.zero_grad(set_to_none=True)
 
+        def fallback_step(i: int) -> None:
+            fallback(batches[i]).values().backward(upstream)
+            fallback_opt.step()
+            fallback_opt.zero_grad(set_to_none=True)
+
         train = [
             Method("EBC + torch SGD (dense grads)", ebc_step, module_bytes(ebc)),
             Method("TBE + fused SGD (FBGEMM)", tbe_step, tbe_bytes),
             Method("QEBC before + torch SGD", qebc_before_step, module_bytes(qebc)),
+            Method("QEBC + fallback + torch SGD", fallback_step, module_bytes(fallback)),
             Method("QEBC + torch SGD", qebc_step, module_bytes(qebc)),
         ]
         run_interleaved(train, setup.train_repeats, setup.num_batches)

@@ -12,7 +12,7 @@ def python_blocks(name: str):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("doc", ["qebc.md"])
+@pytest.mark.parametrize("doc", ["qebc.md", "new_ids.md"])
 def test_doc_examples_run(doc):
     blocks = python_blocks(doc)
     assert blocks, f"{doc} has no python example"
