@@ -3,10 +3,11 @@ tests/test_lookup_fuzz.py, so that a crash fails that test instead of killing py
 
 Every case is a random KJT for one of four collections (SUM, MEAN, weighted, mixed pooling; uint8
 and uint16 codes, full and shared tables, one with a fallback table for new ids), with int32 or
-int64 ids, keys in random order, empty bags, and one of the faults below or none. Valid cases are compared with a float64 reference
-(decoded tables, ``F.embedding_bag`` in float64: no library code); invalid ones must raise a
-ValueError whose message this script predicts from the input alone. Some cases call the
-operator directly with offsets no KJT would produce, or its backward with corrupt saved codes.
+int64 ids, keys in random order, empty bags, and one of the faults below or none. Valid cases are
+compared with a float64 reference (decoded tables, ``F.embedding_bag`` in float64: no library
+code); invalid ones must raise a ValueError whose message this script predicts from the input
+alone. Some cases call the operator directly with offsets no KJT would produce, or its backward
+with corrupt saved codes.
 
     python -m tests.fuzz_lookups --cases 10000 --seed 0
 """
@@ -25,6 +26,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
 from torchrec_mec.modules import ProductQuantizedTable
+
+from tests.qebc_testing import randomize_
 
 FAULTS = ("none", "negative_length", "huge_length", "lengths_over", "lengths_under", "bad_id",
           "extreme_id", "bad_code", "raw_offsets", "corrupt_saved_codes")
@@ -47,19 +50,9 @@ def collection(pooling: Optional[PoolingType], weighted: bool, seed: int):
         # ids 20..31 are new: 2 of them promoted, the others read 3 fallback rows
         cfg("pq_fb", 32, 8, ["e"], m=2, k=16, coded_rows=20, fallback_rows=3, promotion_slots=4),
     ]
-    qebc = QuantizedEmbeddingBagCollection(configs, is_weighted=weighted)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in qebc.embedding_bags.values():
-            if isinstance(module, ProductQuantizedTable):
-                module.codes.copy_(torch.randint(0, module.codebook_size, module.codes.shape,
-                                                 generator=gen).to(module.codes.dtype))
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-                if module.fallback is not None:
-                    module.fallback.copy_(torch.randn(module.fallback.shape, generator=gen))
-                    module.promote(torch.tensor([29, 23]), module.codes[:2].clone())
-            else:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
+    qebc = randomize_(QuantizedEmbeddingBagCollection(configs, is_weighted=weighted), seed)
+    fallback = qebc.embedding_bags["pq_fb"]
+    fallback.promote(torch.tensor([29, 23]), fallback.codes[:2].clone())
     return qebc, configs
 
 

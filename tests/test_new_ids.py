@@ -20,6 +20,8 @@ from torchrec_mec.ops.fast_lookup import cpu_operator_available
 from torchrec_mec.quantize import assign_codes, promote_frequent, promote_ids
 
 from tests.pooling_reference import pooled_reference
+from tests.qebc_testing import randomize_
+from tests.test_quantized_embedding_bag_collection import random_kjt
 
 CODED, NEW = 40, 25  # t_new: ids [0, 40) have codes, [40, 65) are new
 
@@ -45,18 +47,7 @@ def configs(pooling: PoolingType) -> List[QuantizedEmbeddingBagConfig]:
 
 def collection(pooling: PoolingType, weighted: bool, seed: int = 0) -> QuantizedEmbeddingBagCollection:
     """Random codes and parameters; two new ids of t_new and one of t_wide promoted."""
-    qebc = QuantizedEmbeddingBagCollection(configs(pooling), is_weighted=weighted)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in qebc.embedding_bags.values():
-            if isinstance(module, ProductQuantizedTable):
-                module.codes.copy_(torch.randint(0, module.codebook_size, module.codes.shape,
-                                                 generator=gen).to(module.codes.dtype))
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-                if module.fallback is not None:
-                    module.fallback.copy_(torch.randn(module.fallback.shape, generator=gen))
-            else:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
+    qebc = randomize_(QuantizedEmbeddingBagCollection(configs(pooling), is_weighted=weighted), seed)
     qebc.promote("t_new", torch.tensor([61, 44]), torch.tensor([[1, 2, 3, 4], [15, 0, 7, 9]]))
     qebc.promote("t_wide", torch.tensor([310]), torch.tensor([[299, 0, 150, 7]]))
     return qebc
@@ -97,22 +88,6 @@ def tables64(qebc, leaves) -> Dict[str, torch.Tensor]:
     return out
 
 
-def random_kjt(qebc, batch: int, weighted: bool, seed: int) -> KeyedJaggedTensor:
-    """Bags of up to 5 ids over each table's whole id space (coded, promoted and new ids)."""
-    gen = torch.Generator().manual_seed(seed)
-    keys, values, lengths = [], [], []
-    for cfg in qebc.embedding_bag_configs():
-        for f in cfg.feature_names:
-            lens = torch.randint(0, 6, (batch,), generator=gen)
-            lens[0] = 0
-            keys.append(f)
-            lengths.append(lens)
-            values.append(torch.randint(0, cfg.num_embeddings, (int(lens.sum()),), generator=gen))
-    v = torch.cat(values)
-    w = torch.rand(v.numel(), generator=gen) + 0.5 if weighted else None
-    return KeyedJaggedTensor.from_lengths_sync(keys, v, torch.cat(lengths), weights=w)
-
-
 def parameters(qebc) -> Dict[str, torch.Tensor]:
     return {n.replace("embedding_bags.", ""): p for n, p in qebc.named_parameters()}
 
@@ -125,7 +100,7 @@ def test_fallback_lookup_and_gradients_match_float64(path, pooling, weighted):
     if path == "operator" and not cpu_operator_available():
         pytest.skip("torchrec_mec._C is not built (pip install --no-build-isolation -e .)")
     qebc = collection(pooling, weighted)
-    kjt = random_kjt(qebc, batch=16, weighted=weighted, seed=1)
+    kjt = random_kjt(qebc.embedding_bag_configs(), batch=16, max_len=5, weighted=weighted, seed=1)
     values = kjt.to_dict()
     below = values["a"].values() < CODED
     assert below.any() and (~below).any()  # ids below and above the coded range
@@ -238,7 +213,7 @@ def test_state_dict_round_trips_and_bad_new_id_state_names_the_table():
     fresh.load_state_dict(state)
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, state[key]), key
-    kjt = random_kjt(qebc, batch=8, weighted=True, seed=4)
+    kjt = random_kjt(qebc.embedding_bag_configs(), batch=8, max_len=5, weighted=True, seed=4)
     assert torch.equal(fresh(kjt).values(), qebc(kjt).values())
 
     unsorted = dict(state, **{"embedding_bags.t_new.promoted_ids": torch.tensor(

@@ -5,35 +5,39 @@ the sharder refuses row-wise and column-wise for them, naming the table. As in
 test_sharded_qebc.py, each rank feeds its half of a global batch; the reference is the unsharded
 module fed the whole batch, with the mean loss over it.
 """
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
-from torch import nn
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.sharding_plan import (
     column_wise,
-    construct_module_sharding_plan,
     data_parallel,
     row_wise,
     table_wise,
 )
-from torchrec.distributed.types import ShardedTensor, ShardingEnv, ShardingPlan
+from torchrec.distributed.types import ShardedTensor
 from torchrec.modules.embedding_configs import PoolingType
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
 from torchrec_mec.distributed import QuantizedEmbeddingBagCollectionSharder, new_id_constraints
-from torchrec_mec.modules import ProductQuantizedTable
 
 from tests.distributed.multiprocess import run_on_ranks
+from tests.distributed.test_sharded_qebc import (
+    Model,
+    assert_state_matches,
+    close,
+    mean_loss,
+    shard,
+)
+from tests.qebc_testing import randomize_
+from tests.test_quantized_embedding_bag_collection import random_kjt
 
-BATCH = 6  # per rank
-TOL = dict(rtol=1e-6, atol=1e-6)
+BATCH = 6  # per rank, as in test_sharded_qebc (whose helpers this file uses)
 
 
 def tables() -> List[QuantizedEmbeddingBagConfig]:
@@ -57,55 +61,23 @@ def build_qebc(device=None) -> QuantizedEmbeddingBagCollection:
     qebc = QuantizedEmbeddingBagCollection(tables(), device=device)
     if device is not None:
         return qebc
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in qebc.embedding_bags.values():
-            if isinstance(module, ProductQuantizedTable):
-                module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen))
-                if module.fallback is not None:
-                    module.fallback.copy_(torch.randn(module.fallback.shape, generator=gen))
-            else:
-                module.weight.copy_(torch.randn(module.weight.shape, generator=gen))
+    randomize_(qebc, seed=1)
     qebc.promote("new8", torch.tensor([55, 41]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]]))
     qebc.promote("new16", torch.tensor([310]), torch.tensor([[299, 3]]))
     return qebc
 
 
 def rank_batch(rank: int, seed: int = 1) -> KeyedJaggedTensor:
-    gen = torch.Generator().manual_seed(seed * 100 + rank)
-    keys, values, lengths = [], [], []
-    for cfg in tables():
-        for f in cfg.feature_names:
-            lens = torch.randint(0, 5, (BATCH,), generator=gen)
-            lens[rank] = 0
-            keys.append(f)
-            lengths.append(lens)
-            values.append(torch.randint(0, cfg.num_embeddings, (int(lens.sum()),), generator=gen))
-    return KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.cat(lengths))
+    return random_kjt(tables(), BATCH, max_len=4, weighted=False, seed=seed * 100 + rank)
 
 
 def global_batch(world_size: int, seed: int = 1) -> KeyedJaggedTensor:
+    """The ranks' batches, rank 0's bags first, as one batch."""
     parts = [rank_batch(r, seed).to_dict() for r in range(world_size)]
     keys = list(parts[0])
-    values = [p[k].values() for k in keys for p in parts]
-    lengths = [p[k].lengths() for k in keys for p in parts]
-    return KeyedJaggedTensor.from_lengths_sync(keys, torch.cat(values), torch.cat(lengths))
-
-
-def mean_loss(kt: KeyedTensor, rows: slice) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(7)
-    out = kt.to_dict()
-    upstream = {k: torch.randn(2 * BATCH, out[k].shape[1], generator=gen)[rows] for k in sorted(out)}
-    return sum((out[k] * upstream[k]).sum() for k in sorted(out)) / (rows.stop - rows.start)
-
-
-class Model(nn.Module):
-    def __init__(self, qebc: QuantizedEmbeddingBagCollection) -> None:
-        super().__init__()
-        self.qebc = qebc
-
-    def forward(self, kjt: KeyedJaggedTensor) -> KeyedTensor:
-        return self.qebc(kjt)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys, torch.cat([p[k].values() for k in keys for p in parts]),
+        torch.cat([p[k].lengths() for k in keys for p in parts]))
 
 
 PLANS = {
@@ -116,33 +88,6 @@ PLANS = {
     "mixed": {"new8": data_parallel(), "new16": table_wise(rank=0), "pq": table_wise(rank=1),
               "full": row_wise()},
 }
-
-
-def shard(model: nn.Module, per_table: Dict, world_size: int,
-          sharder=None) -> DistributedModelParallel:
-    sharder = sharder or QuantizedEmbeddingBagCollectionSharder()
-    plan = construct_module_sharding_plan(model.qebc, per_table, sharder=sharder,
-                                          local_size=world_size, world_size=world_size,
-                                          device_type="cpu")
-    return DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                    device=torch.device("cpu"), plan=ShardingPlan({"qebc": plan}),
-                                    sharders=[sharder])
-
-
-def close(actual, expected, label) -> None:
-    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{label}\n{m}")
-
-
-def assert_state_matches(sharded: Dict, reference: Dict, label: str) -> None:
-    assert set(sharded) == set(reference), (label, sorted(sharded), sorted(reference))
-    for key, value in sharded.items():
-        if isinstance(value, ShardedTensor):
-            for s in value.local_shards():
-                where = tuple(slice(o, o + n) for o, n in zip(s.metadata.shard_offsets,
-                                                             s.metadata.shard_sizes))
-                close(s.tensor, reference[key][where], f"{label}: {key}")
-        else:
-            close(value, reference[key], f"{label}: {key}")
 
 
 def _steps_match(rank: int, world_size: int) -> None:
