@@ -2,7 +2,8 @@
 # One entry point for a fresh machine: sets up .venv (once, and again when the pins or the C++
 # operator's sources change), then runs what was asked.
 #   bash dev.sh demo [mec run flags]   MEC end to end on the real Criteo sample (or generated data)
-#   bash dev.sh test [pytest args]     the test suite (heavy benchmark runs are excluded)
+#   bash dev.sh test [pytest args]     lint, then the test suite (heavy benchmark runs are excluded)
+#   bash dev.sh lint                   ruff, then mypy (configured in pyproject.toml)
 #   bash dev.sh setup                  only the environment
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -24,6 +25,12 @@ setup() {
   echo "$want" > "$stamp"
 }
 
+# ruff over the repository, then mypy over torchrec_mec; a finding fails the command.
+lint() {
+  "$VENV/bin/ruff" check --quiet .
+  "$VENV/bin/mypy"
+}
+
 cmd=${1:-demo}; shift || true
 setup
 export PATH="$PWD/$VENV/bin:$PATH"
@@ -37,7 +44,9 @@ case "$cmd" in
     echo "dev.sh: $data not found (the shared samples sit beside the repo); using generated data" >&2
     exec mec run --format synthetic --out runs/demo --preset sample "$@"
     ;;
+  lint) lint ;;
   test)
+    lint
     set +e
     "$PY" -m pytest -q "$@"
     rc=$?
@@ -45,5 +54,5 @@ case "$cmd" in
     [ $rc -eq 5 ] && echo "dev.sh: pytest collected no tests" >&2
     exit $rc
     ;;
-  *) echo "usage: bash dev.sh demo|test|setup [args]" >&2; exit 2 ;;
+  *) echo "usage: bash dev.sh demo|test|lint|setup [args]" >&2; exit 2 ;;
 esac

@@ -121,7 +121,6 @@ def copy_bandwidth(torch, device, timer: Timer, nbytes: int) -> float:
     src = torch.empty(nbytes // 4, device=device)
     dst = torch.empty_like(src)
     times = [timer(lambda: dst.copy_(src)) for _ in range(7)]
-    del src, dst
     return 2 * nbytes / (statistics.median(times[2:]) / 1e3)
 
 

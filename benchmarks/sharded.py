@@ -180,7 +180,8 @@ def main() -> None:
     mib = 2**20
     print(f"\n{args.tables} x {args.rows:,} x {args.dim} tables (QEBC: M=8, K=256) + 10k-row full table; "
           f"batch {args.batch}/rank, {world_size} gloo ranks x 1 thread")
-    print("| sharding | EBC steps/s | QEBC steps/s | QEBC/EBC | EBC MiB per rank | QEBC MiB per rank | EBC/QEBC bytes |")
+    print("| sharding | EBC steps/s | QEBC steps/s | QEBC/EBC | EBC MiB per rank"
+          " | QEBC MiB per rank | EBC/QEBC bytes |")
     print("|---|---|---|---|---|---|---|")
     for st in SHARDING_TYPES:
         e, q = results[f"ebc/{st}"], results[f"qebc/{st}"]

@@ -12,6 +12,29 @@ from torchrec_mec.modules import (
     as_quantized_config,
     code_dtype,
 )
-from torchrec_mec.quantize import MECConfig, QuantizeResult, QuantizeStats, quantize_table, quantize_tables
+from torchrec_mec.quantize import (
+    MECConfig,
+    QuantizeResult,
+    QuantizeStats,
+    quantize_table,
+    quantize_tables,
+)
+
+__all__ = [
+    "QuantizedEmbeddingBagCollectionSharder",
+    "ShardedQuantizedEmbeddingBagCollection",
+    "MemoryReport",
+    "ProductQuantizedTable",
+    "QuantizedEmbeddingBagCollection",
+    "QuantizedEmbeddingBagConfig",
+    "TableMemory",
+    "as_quantized_config",
+    "code_dtype",
+    "MECConfig",
+    "QuantizeResult",
+    "QuantizeStats",
+    "quantize_table",
+    "quantize_tables",
+]
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ only derives their tables and layer sizes from a data set's schema, so that the 
 differing only in the embedding collection: that is what "model-agnostic" means in MEC.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -114,7 +114,7 @@ class CTRModel(nn.Module):
     ``arch.`` prefix, and ``DistributedModelParallel`` finds and shards its embedding collection.
 
     Args:
-        arch (nn.Module): ``DLRM``, ``DLRM_DCN`` or ``SimpleDeepFMNN`` (with logit output).
+        arch: ``DLRM``, ``DLRM_DCN`` or ``SimpleDeepFMNN`` (with logit output).
         config (ModelConfig): what it was built from (kept for saving).
         num_dense (int): dense features the data has; 0 is served by one constant input.
 
@@ -129,7 +129,8 @@ class CTRModel(nn.Module):
         torch.Size([2])
     """
 
-    def __init__(self, arch: nn.Module, config: ModelConfig, num_dense: int) -> None:
+    def __init__(self, arch: Union[DLRM, SimpleDeepFMNN], config: ModelConfig,
+                 num_dense: int) -> None:
         super().__init__()
         self.arch = arch
         self.config = config
@@ -214,7 +215,7 @@ def build_model(
         ]
         ebc = QuantizedEmbeddingBagCollection(qtables, device=device)
     dense_in = max(num_dense, 1)
-    arch: nn.Module
+    arch: Union[DLRM, SimpleDeepFMNN]  # DLRM_DCN is a DLRM
     if config.name == "deepfm":
         arch = SimpleDeepFMNN(num_dense_features=dense_in, embedding_bag_collection=ebc,
                               hidden_layer_size=config.dense_hidden_sizes[0],
@@ -229,9 +230,9 @@ def build_model(
             over_arch_layer_sizes=[*config.over_hidden_sizes, 1], dense_device=device,
         )
         if config.name == "dlrm":
-            arch = DLRM(**common)  # type: ignore[arg-type]
+            arch = DLRM(**common)
         else:
-            arch = DLRM_DCN(**common,  # type: ignore[arg-type]
+            arch = DLRM_DCN(**common,
                             dcn_num_layers=config.dcn_num_layers,
                             dcn_low_rank_dim=config.dcn_low_rank_dim)
     return CTRModel(arch, config, num_dense).to(device or torch.device("cpu"))

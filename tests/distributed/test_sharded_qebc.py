@@ -223,7 +223,10 @@ def dlrm_batch(ranks: List[int], step: int) -> Tuple[torch.Tensor, KeyedJaggedTe
         gen = torch.Generator().manual_seed(1000 * step + r)
         dense.append(torch.randn(BATCH, 4, generator=gen))
         labels.append(torch.randint(0, 2, (BATCH,), generator=gen).float())
-    kjt = rank_batch(ranks[0], False, seed=step + 2) if len(ranks) == 1 else global_batch(len(ranks), False, seed=step + 2)
+    if len(ranks) == 1:
+        kjt = rank_batch(ranks[0], False, seed=step + 2)
+    else:
+        kjt = global_batch(len(ranks), False, seed=step + 2)
     return torch.cat(dense), kjt, torch.cat(labels)
 
 

@@ -1,12 +1,11 @@
 """State of a sharded QEBC on gloo ranks: names, initialisation from meta, and checkpoints of the
 module and its fused optimizer through torch.distributed.checkpoint across world sizes and plans,
 each compared with the unsharded module (trained with the same torch optimizer)."""
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.sharding_plan import column_wise, row_wise, table_wise

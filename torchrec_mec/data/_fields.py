@@ -154,7 +154,7 @@ def parse_int_columns(
     signs = np.flatnonzero(negative & fits)
     digits[width - lengths[signs], signs] = 0
     fast = (digits <= 9).all(0) & (lengths <= _MAX_FAST_DIGITS + negative)
-    values = np.zeros(len(lengths), dtype=np.int64)
+    values: np.ndarray = np.zeros(len(lengths), dtype=np.int64)
     for k in range(width):  # right-aligned, so leading zeros are harmless
         values = values * 10 + digits[k]
     values = np.where(negative, -values, values)
@@ -183,7 +183,7 @@ def decode_field(raw: bytes) -> Tuple[str, Optional[str]]:
         return "", f"invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}): {raw[:64]!r}"
 
 
-def odd_row(block: LineBlock, i: int, sep: bytes, issues: Dict[int, Tuple[int, str, str]],
+def odd_row(block: LineBlock, i: int, sep: bytes, issues: Dict[int, Tuple[int, Optional[str], str]],
             column: Callable[[int], str],
             check: Callable[[int, str], Optional[str]]) -> Optional[List[str]]:
     """The decoded fields of the block's i-th line (one the vectorised paths do not take), or

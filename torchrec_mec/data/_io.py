@@ -10,7 +10,7 @@ import queue
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO, Generator, Iterator, Optional, Tuple, TypeVar
+from typing import BinaryIO, Generator, Iterator, Optional, Tuple, TypeVar, cast
 
 import numpy as np
 from iopath.common.file_io import g_pathmgr
@@ -50,7 +50,7 @@ def open_bytes(path: str) -> BinaryIO:
             raise DataFormatError(path, None, None, "named .gz but not gzip-compressed (it does "
                                   "not start with the gzip bytes 1f 8b); rename it without .gz "
                                   "if it is plain text")
-        return gzip.GzipFile(fileobj=raw, mode="rb")
+        return cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))
     if magic == _GZIP_MAGIC:
         raw.close()
         raise DataFormatError(path, None, None, "gzip-compressed, but the name does not end in "

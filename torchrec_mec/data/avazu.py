@@ -6,7 +6,7 @@ two features that generalise across days: ``hour_of_day`` (HH) and ``weekday`` (
 Avazu has no dense features.
 """
 import datetime
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Generator, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -77,10 +77,11 @@ def read_avazu_csv(
 
 
 def _chunks(path: str, report: BadRowReport, chunk_rows: int, max_rows: Optional[int],
-            progress: bool) -> Iterator[RawChunk]:
+            progress: bool) -> Generator[RawChunk, None, None]:
     weekdays: Dict[str, str] = {}
     for header, block in line_blocks(path, chunk_rows, header=True, max_rows=max_rows,
                                      progress=progress):
+        assert header is not None  # asked for with header=True
         if tuple(header.split(b",")) != _HEADER:
             shown = header[:200].decode("utf-8", "replace")
             raise DataFormatError(path, 1, None, f"header is not the Avazu header "
@@ -110,7 +111,7 @@ def _hour_issue(hour: str) -> str:
 
 def _parse(block: LineBlock, report: BadRowReport,
            weekdays: Dict[str, str]) -> Optional[RawChunk]:
-    issues: Dict[int, Tuple[int, str, str]] = {}
+    issues: Dict[int, Tuple[int, Optional[str], str]] = {}
     split = split_fields(block, b",", len(AVAZU_COLUMNS))
     for i in np.flatnonzero(split.counts != len(AVAZU_COLUMNS)):
         note_issue(issues, int(block.numbers[i]), -1, None, f"expected {len(AVAZU_COLUMNS)} "
@@ -123,7 +124,7 @@ def _parse(block: LineBlock, report: BadRowReport,
     return concat_chunks(chunks)
 
 
-def _parse_plain(block: LineBlock, split: FieldSplit, issues: Dict[int, Tuple[int, str, str]],
+def _parse_plain(block: LineBlock, split: FieldSplit, issues: Dict[int, Tuple[int, Optional[str], str]],
                  weekdays: Dict[str, str]) -> RawChunk:
     """The plain (ASCII, 24-field) lines, in bulk."""
     data, starts, ends = block.data, split.starts, split.ends
@@ -143,6 +144,7 @@ def _parse_plain(block: LineBlock, split: FieldSplit, issues: Dict[int, Tuple[in
         else np.zeros(n, dtype=bool)
     days = np.zeros(n, dtype="S1")
     if hour_ok.any():
+        assert digits is not None  # hour_ok is all False without digits
         hh = (digits[:, 6].astype(np.int64) - ord("0")) * 10 + digits[:, 7] - ord("0")
         hour_ok &= hh <= 23
         dates, inverse = np.unique(hours.astype("S6"), return_inverse=True)
@@ -164,7 +166,7 @@ def _parse_plain(block: LineBlock, split: FieldSplit, issues: Dict[int, Tuple[in
     )
 
 
-def _parse_odd(block: LineBlock, lines: np.ndarray, issues: Dict[int, Tuple[int, str, str]],
+def _parse_odd(block: LineBlock, lines: np.ndarray, issues: Dict[int, Tuple[int, Optional[str], str]],
                weekdays: Dict[str, str]) -> RawChunk:
     """Lines with the right field count but NUL or non-ASCII bytes, one field at a time by the
     rules of the bulk path, plus a UTF-8 check of every field."""
@@ -183,7 +185,9 @@ def _parse_odd(block: LineBlock, lines: np.ndarray, issues: Dict[int, Tuple[int,
         row = odd_row(block, i, b",", issues, _column, check)
         if row is not None:
             numbers.append(int(block.numbers[i]))
-            rows.append([row[1], row[2][6:], _weekday(row[2][:6], weekdays), *row[3:]])
+            day = _weekday(row[2][:6], weekdays)
+            assert day is not None  # check() refused rows without one
+            rows.append([row[1], row[2][6:], day, *row[3:]])
     return RawChunk(
         lines=np.asarray(numbers, dtype=np.int64),
         labels=np.asarray([float(row[0]) for row in rows], dtype=np.float32),

@@ -99,7 +99,7 @@ class BinaryCriteoDataset(CTRDataset):
             self._sizes = [int(v) for v in num_embeddings_per_feature]
         else:
             self._modulo = None
-            self._sizes = self._max_ids() + 1
+            self._sizes = [int(v) for v in self._max_ids() + 1]
         self._counts: Dict[str, Dict[str, torch.Tensor]] = {}
 
     def _path(self, day: int, kind: str) -> str:

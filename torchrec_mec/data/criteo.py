@@ -3,7 +3,7 @@
 One line per impression, tab separated, no header: ``label, I1..I13, C1..C26``. Integer fields
 may be empty (missing) or negative; categorical fields are 8-hex-digit hashes or empty.
 """
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Generator, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def read_criteo_tsv(
 
 
 def _chunks(path: str, report: BadRowReport, chunk_rows: int, max_rows: Optional[int],
-            progress: bool) -> Iterator[RawChunk]:
+            progress: bool) -> Generator[RawChunk, None, None]:
     for _, block in line_blocks(path, chunk_rows, header=False, max_rows=max_rows,
                                 progress=progress):
         chunk = _parse(block, report)
@@ -98,7 +98,7 @@ def _column(j: int) -> str:
 
 
 def _parse(block: LineBlock, report: BadRowReport) -> Optional[RawChunk]:
-    issues: Dict[int, Tuple[int, str, str]] = {}
+    issues: Dict[int, Tuple[int, Optional[str], str]] = {}
     split = split_fields(block, b"\t", _NUM_COLUMNS)
     for i in np.flatnonzero(split.counts != _NUM_COLUMNS):
         note_issue(issues, int(block.numbers[i]), -1, None, f"expected {_NUM_COLUMNS} "
@@ -112,7 +112,7 @@ def _parse(block: LineBlock, report: BadRowReport) -> Optional[RawChunk]:
 
 
 def _parse_plain(block: LineBlock, split: FieldSplit,
-                 issues: Dict[int, Tuple[int, str, str]]) -> RawChunk:
+                 issues: Dict[int, Tuple[int, Optional[str], str]]) -> RawChunk:
     """The plain (ASCII, 40-field) lines, in bulk."""
     data, starts, ends = block.data, split.starts, split.ends
     numbers = block.numbers[split.rows]
@@ -120,7 +120,7 @@ def _parse_plain(block: LineBlock, split: FieldSplit,
 
     first = data[starts[:, 0]] if len(numbers) else np.zeros(0, np.uint8)
     label_ok = (ends[:, 0] - starts[:, 0] == 1) & ((first == ord("0")) | (first == ord("1")))
-    for i in np.flatnonzero(~label_ok):
+    for i in np.flatnonzero(~label_ok).tolist():
         text = data[starts[i, 0] : ends[i, 0]].tobytes().decode("ascii")
         note_issue(issues, int(numbers[i]), 0, _column(0), f"label is not 0 or 1: {text!r}")
     good &= label_ok
@@ -142,7 +142,7 @@ def _parse_plain(block: LineBlock, split: FieldSplit,
 
 
 def _parse_odd(block: LineBlock, lines: np.ndarray,
-               issues: Dict[int, Tuple[int, str, str]]) -> RawChunk:
+               issues: Dict[int, Tuple[int, Optional[str], str]]) -> RawChunk:
     """Lines with the right field count but NUL or non-ASCII bytes, one field at a time by the
     same rules as the bulk path, plus a UTF-8 check of every field."""
     def check(j: int, text: str) -> Optional[str]:

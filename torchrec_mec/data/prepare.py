@@ -179,6 +179,7 @@ def prepare_dataset(
     os.makedirs(build)
     try:
         if format == "synthetic":
+            assert synthetic is not None  # defaulted above
             body = write_synthetic(synthetic, build, seed=seed, split=split, progress=progress,
                                    chunk_rows=chunk_rows)
             body.update(bad_rows=BadRowReport("report").to_dict(), vocabulary=None)
@@ -316,8 +317,8 @@ def _encode_text(sources: List[Tuple[str, str]], format: str, out_dir: str, *, m
                     staged["split"].write(splits.tobytes())
                     split_counts += np.bincount(splits, minlength=len(SPLITS))
         finally:
-            for f in staged.values():
-                f.close()
+            for handle in staged.values():
+                handle.close()
         total = int(split_counts.sum())
         if total == 0:
             raise DataFormatError(", ".join(p for _, p in sources), None, None,

@@ -209,14 +209,14 @@ def concat_chunks(chunks: Sequence[RawChunk]) -> Optional[RawChunk]:
 
 
 def report_issues(report: BadRowReport, path: str,
-                  issues: Dict[int, Tuple[int, str, str]]) -> None:
+                  issues: Dict[int, Tuple[int, Optional[str], str]]) -> None:
     """Feeds ``{line: (column_index, column_label, reason)}`` to ``report`` in line order."""
     for line in sorted(issues):
         _, column, reason = issues[line]
         report.add(path, line, column, reason)
 
 
-def note_issue(issues: Dict[int, Tuple[int, str, str]], line: int, column_index: int,
+def note_issue(issues: Dict[int, Tuple[int, Optional[str], str]], line: int, column_index: int,
                column: Optional[str], reason: str) -> None:
     """Records a row's problem, keeping only its leftmost bad column."""
     if line not in issues or column_index < issues[line][0]:

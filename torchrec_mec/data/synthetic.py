@@ -110,7 +110,7 @@ class SyntheticConfig:
             raise ValueError(f"table sizes (new ids included) must be in [1, {_MAX_TABLE_SIZE}]")
         if self.zipf_exponent <= 0 or self.latent_dim < 1:
             raise ValueError("need zipf_exponent > 0 and latent_dim >= 1")
-        for f, g in self.interaction_pairs:
+        for f, g in self.interaction_pairs or ():
             if not (0 <= f < self.num_sparse and 0 <= g < self.num_sparse and f != g):
                 raise ValueError(f"interaction pair {(f, g)} must name two different features "
                                  f"in [0, {self.num_sparse})")
@@ -254,7 +254,7 @@ class SyntheticClickModel:
         """Names of the columns of ``terms``."""
         schema = self.config.schema
         return ([f"effect_{n}" for n in schema.sparse_names]
-                + [f"interaction_C{f + 1}_C{g + 1}" for f, g in self.config.interaction_pairs]
+                + [f"interaction_C{f + 1}_C{g + 1}" for f, g in self.config.interaction_pairs or ()]
                 + [f"dense_{n}" for n in schema.dense_names])
 
     def terms(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -262,7 +262,7 @@ class SyntheticClickModel:
         cfg, seed = self.config, self.seed
         cols = [self.feature_scales[f] * normal(ids[:, f], stream_key(seed, "effect", f))
                 for f in range(cfg.num_sparse)]
-        for f, g in cfg.interaction_pairs:
+        for f, g in cfg.interaction_pairs or ():
             dot = sum(normal(ids[:, f], stream_key(seed, "latent", f, c))
                       * normal(ids[:, g], stream_key(seed, "latent", g, c))
                       for c in range(cfg.latent_dim))

@@ -16,7 +16,7 @@ sharded EBC does:
 """
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 import warnings
 
 import torch
@@ -99,7 +99,7 @@ class QuantizedShardsLookup(nn.Module):
     ) -> None:
         super().__init__()
         self._configs: Dict[str, QuantizedEmbeddingBagConfig] = {
-            cfg.name: cfg for cfg in source.embedding_bag_configs()  # type: ignore[misc]
+            cfg.name: cfg for cfg in source.embedding_bag_configs()
         }
         self.shards: List[LocalShard] = []
         rows: Dict[str, Tuple[int, int]] = {}  # per table: first row and row count held here
@@ -120,7 +120,7 @@ class QuantizedShardsLookup(nn.Module):
                 )
                 widths[table.name] = widths.get(table.name, 0) + sizes[1]
         self._widths = widths
-        self._seeds = {name: source.embedding_bags[name].init_seed for name in widths}
+        self._seeds = {name: source.table(name).init_seed for name in widths}
         local_configs = [
             _local_config(self._configs[name], rows[name][1], widths[name], pool_mean_as_sum)
             for name in widths
@@ -151,10 +151,11 @@ class QuantizedShardsLookup(nn.Module):
         """This rank's state of ``table``, all its shards together, under the unsharded names:
         ``codes`` (buffer) and ``codebooks`` (parameter), with ``fallback`` (parameter) and
         ``promoted_ids`` (buffer) for a table with a fallback, or ``weight`` (parameter)."""
-        module = self.qebc.embedding_bags[table]
+        module = self.qebc.table(table)
         if isinstance(module, ProductQuantizedTable):
             tensors = {"codes": module.codes, "codebooks": module.codebooks}
             if module.fallback is not None:
+                assert module.promoted_ids is not None  # held with the fallback
                 tensors.update(fallback=module.fallback, promoted_ids=module.promoted_ids)
             return tensors
         return {"weight": module.weight}
@@ -222,7 +223,7 @@ class QuantizedShardsLookup(nn.Module):
     def _copy_from(self, source: QuantizedEmbeddingBagCollection) -> None:
         for shard in self.shards:
             (r0, c0), (rows, cols) = shard.offsets, shard.sizes
-            table, parts = source.embedding_bags[shard.table], self.local_tensors(shard)
+            table, parts = source.table(shard.table), self.local_tensors(shard)
             if isinstance(table, ProductQuantizedTable) and table.fallback is not None:
                 for key in ("codes", "codebooks", "fallback", "promoted_ids"):  # held whole
                     parts[key].copy_(getattr(table, key))
@@ -248,7 +249,7 @@ def _local_config(
     cfg: QuantizedEmbeddingBagConfig, rows: int, columns: int, pool_mean_as_sum: bool
 ) -> QuantizedEmbeddingBagConfig:
     # A table with a fallback is held whole (the sharder allows table-wise and data-parallel).
-    new_ids = ({"coded_rows": cfg.coded_rows, "fallback_rows": cfg.fallback_rows,
+    new_ids: Dict[str, Any] = ({"coded_rows": cfg.coded_rows, "fallback_rows": cfg.fallback_rows,
                 "promotion_slots": cfg.promotion_slots} if cfg.has_fallback else {})
     with warnings.catch_warnings():  # a row-wise shard may hold fewer rows than K
         warnings.simplefilter("ignore", CodebookLargerThanTableWarning)

@@ -60,14 +60,14 @@ class CompressedTableTensor(torch.Tensor):
         t.nbytes_ = nbytes
         return t
 
-    def numel(self) -> int:  # type: ignore[override]
+    def numel(self) -> int:
         return self.nbytes_
 
     def __deepcopy__(self, memo: Dict[int, object]) -> "CompressedTableTensor":
         # The planner deep-copies its search space; a meta tensor has no data to copy.
         return CompressedTableTensor(self.shape[0], self.shape[1], self.nbytes_)
 
-    def __reduce_ex__(self, protocol):  # type: ignore[no-untyped-def]
+    def __reduce_ex__(self, protocol):
         return CompressedTableTensor, (self.shape[0], self.shape[1], self.nbytes_)
 
 

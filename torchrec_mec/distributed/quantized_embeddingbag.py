@@ -121,7 +121,7 @@ class ShardedQuantizedEmbeddingBagCollection(
         self._device = device
         self._is_weighted = module.is_weighted()
         self._configs: Dict[str, QuantizedEmbeddingBagConfig] = {
-            cfg.name: cfg for cfg in module.embedding_bag_configs()  # type: ignore[misc]
+            cfg.name: cfg for cfg in module.embedding_bag_configs()
         }
         self.module_sharding_plan = EmbeddingModuleShardingPlan(
             {name: table_name_to_parameter_sharding[name] for name in self._configs}
@@ -204,7 +204,7 @@ class ShardedQuantizedEmbeddingBagCollection(
     ) -> nn.Module:
         row_wise = sharding_type == ShardingType.ROW_WISE.value
         lookup = QuantizedShardsLookup(
-            sharding._grouped_embedding_configs,  # type: ignore[attr-defined]
+            sharding._grouped_embedding_configs,  # private in TorchRec: why torchrec is pinned to 1.8.*
             module,
             self._device,
             pool_mean_as_sum=row_wise,
@@ -234,6 +234,7 @@ class ShardedQuantizedEmbeddingBagCollection(
                     continue
                 spec = fused_optimizer_spec(_source_parameter(module, table, key), fused_params)
                 if spec is not None:
+                    assert isinstance(local, nn.Parameter)  # a parameter key's tensor
                     optims.append(("", InBackwardOptimizer({layout.name: local}, *spec,
                                                            {layout.name: layout})))
         return CombinedOptimizer(optims) if optims else EmptyFusedOptimizer()
@@ -255,13 +256,14 @@ class ShardedQuantizedEmbeddingBagCollection(
                                         fused_params) is not None:
                     # Left out of the dense optimizer (in_backward_optimizer_filter), as TorchRec does.
                     local._in_backward_optimizers = [EmptyFusedOptimizer()]  # type: ignore[attr-defined]
+            assert isinstance(local, nn.Parameter)  # a parameter key's tensor
             holder.register_parameter(key, local)
 
     def _layout(self, table: str, key: str) -> "_TableLayout":
         cfg, ps = self._configs[table], self.module_sharding_plan[table]
         lookup, shards = None, []
         for candidate in self._lookups:
-            inner = candidate.module if isinstance(candidate, DistributedDataParallel) else candidate
+            inner = _unwrapped(candidate)
             held = [s for s in inner.shards if s.table == table]
             if held:
                 lookup, shards = inner, held
@@ -275,7 +277,7 @@ class ShardedQuantizedEmbeddingBagCollection(
             lookup=lookup,
             shards=shards,
             global_shards=None if replicated else [
-                _key_metadata(cfg, key, m) for m in ps.sharding_spec.shards  # type: ignore[union-attr]
+                _key_metadata(cfg, key, m) for m in ps.sharding_spec.shards
             ],
             data_parallel=ps.sharding_type == ShardingType.DATA_PARALLEL.value,
             process_group=self._env.process_group,
@@ -377,11 +379,11 @@ class ShardedQuantizedEmbeddingBagCollection(
         """Sets every shard to its part of the tables' initial values: the values the unsharded
         collection gets at construction with the same seed, whatever the plan."""
         for lookup in self._lookups:
-            inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
+            inner = _unwrapped(lookup)
             if inner.qebc.device.type != "meta":
                 inner.reset_parameters()
 
-    def state_dict(  # type: ignore[override]
+    def state_dict(
         self,
         destination: Optional[Dict[str, Any]] = None,
         prefix: str = "",
@@ -397,7 +399,7 @@ class ShardedQuantizedEmbeddingBagCollection(
         return destination
 
     @torch.no_grad()
-    def load_state_dict(  # type: ignore[override]
+    def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
     ) -> _IncompatibleKeys:
         """Loads the unsharded keys from ``ShardedTensor``s laid out as this module's own
@@ -577,6 +579,13 @@ class QuantizedEmbeddingBagCollectionSharder(BaseEmbeddingSharder[QuantizedEmbed
 
 
 _BUFFER_KEYS = ("codes", "promoted_ids")
+
+
+def _unwrapped(lookup: nn.Module) -> QuantizedShardsLookup:
+    """The lookup itself, out of the DistributedDataParallel that wraps a data-parallel one."""
+    inner = lookup.module if isinstance(lookup, DistributedDataParallel) else lookup
+    assert isinstance(inner, QuantizedShardsLookup)
+    return inner
 
 
 def _state_keys(cfg: QuantizedEmbeddingBagConfig) -> List[str]:

@@ -1,6 +1,6 @@
 """QuantizedEmbeddingBagCollection: a drop-in, product-quantized EmbeddingBagCollection."""
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,6 @@ from torchrec_mec.modules.initialization import (
 from torchrec_mec.modules.quantized_embedding_configs import (
     QuantizedEmbeddingBagConfig,
     as_quantized_config,
-    code_dtype,
 )
 from torchrec_mec.ops import triton_lookup
 from torchrec_mec.ops.fast_lookup import (
@@ -51,7 +50,8 @@ def check_promoted_ids(config: QuantizedEmbeddingBagConfig, promoted: torch.Tens
         >>> check_promoted_ids(cfg, torch.tensor([11, 10]))
         Traceback (most recent call last):
         ...
-        ValueError: table 't': promoted_ids must be new ids in [10, 12) in increasing order, then unused slots (9223372036854775807)
+        ValueError: table 't': promoted_ids must be new ids in [10, 12) in increasing order,
+        then unused slots (9223372036854775807)
     """
     if tuple(promoted.shape) != (config.promotion_slots,) or promoted.dtype != torch.int64:
         raise ValueError(f"table {config.name!r}: promoted_ids are {promoted.dtype} "
@@ -106,6 +106,7 @@ class ProductQuantizedTable(nn.Module):
         True
     """
 
+    codes: torch.Tensor  # a buffer
     fallback: Optional[nn.Parameter]
     promoted_ids: Optional[torch.Tensor]
 
@@ -116,7 +117,8 @@ class ProductQuantizedTable(nn.Module):
         self.num_embeddings = config.num_embeddings
         self.num_subspaces = config.num_subspaces
         self.codebook_size = config.codebook_size
-        self.coded_rows: int = config.coded_rows  # type: ignore[assignment]  # set by the config
+        assert config.coded_rows is not None  # set by the config
+        self.coded_rows: int = config.coded_rows
         self.init_seed = draw_seed()
         self.register_buffer(
             "codes",
@@ -286,7 +288,7 @@ class ProductQuantizedTable(nn.Module):
         self.check_codebooks(codebooks)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs) -> None:  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs) -> None:
         # Each key is checked on its own, so a partial state dict (strict=False) is checked too:
         # nn.Module would cast int64 codes to uint8 silently (wrapping values >= 256).
         checks = {"codes": self.check_codes, "codebooks": self.check_codebooks}
@@ -506,8 +508,8 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._has_fallback = any(cfg.has_fallback for cfg in self._embedding_bag_configs)
 
     # -- the EmbeddingBagCollectionInterface ------------------------------------------------
-    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:  # type: ignore[override]
-        return self._embedding_bag_configs  # type: ignore[return-value]
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        return self._embedding_bag_configs
 
     def is_weighted(self) -> bool:
         return self._is_weighted
@@ -521,6 +523,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Sets every table's codes, codebooks and weight to the values construction gives them
         (after ``to_empty(device=...)`` of a collection built on ``meta``, for example)."""
         for table in self.embedding_bags.values():
+            assert isinstance(table, (ProductQuantizedTable, FullTable))
             table.reset_parameters()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
@@ -582,7 +585,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 if cfg.name in compressed:
                     qebc.load_codes(cfg.name, *compressed[cfg.name])
                 else:
-                    qebc.embedding_bags[cfg.name].weight.copy_(ebc.embedding_bags[cfg.name].weight)
+                    qebc._table_parameter(cfg.name).copy_(ebc.embedding_bags[cfg.name].weight)
         return qebc
 
     @torch.no_grad()
@@ -600,6 +603,12 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         module.codebooks.copy_(codebooks)
 
     # -- memory ----------------------------------------------------------------------------
+    def table(self, name: str) -> Union[ProductQuantizedTable, FullTable]:
+        """The module that holds table ``name`` (``embedding_bags[name]``, typed)."""
+        module = self.embedding_bags[name]
+        assert isinstance(module, (ProductQuantizedTable, FullTable))
+        return module
+
     def memory_report(self) -> MemoryReport:
         """Bytes per table (codes, codebooks, full weights, fallback tables) against a float32 EBC.
 
@@ -622,6 +631,7 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 if module.fallback is not None:
                     fallback = _nbytes(module.fallback) + _nbytes(module.promoted_ids)
             else:
+                assert isinstance(module, FullTable)
                 weight = _nbytes(module.weight)
             tables[cfg.name] = TableMemory(
                 rows=cfg.num_embeddings,
@@ -647,7 +657,10 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     # -- internals -------------------------------------------------------------------------
     def _table_parameter(self, name: str) -> nn.Parameter:
         module = self.embedding_bags[name]
-        return module.codebooks if isinstance(module, ProductQuantizedTable) else module.weight
+        if isinstance(module, ProductQuantizedTable):
+            return module.codebooks
+        assert isinstance(module, FullTable)
+        return cast(nn.Parameter, module.weight)  # nn.EmbeddingBag types its Parameter as Tensor
 
     def _table_parameters(self) -> List[nn.Parameter]:
         return [self._table_parameter(cfg.name) for cfg in self._embedding_bag_configs]
@@ -779,11 +792,16 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     @staticmethod
     def _fallback_tensors(modules: List[nn.Module]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Per table, its fallback table and promoted ids, or empty tensors (none)."""
-        fallbacks, promoted = [], []
+        fallbacks: List[torch.Tensor] = []
+        promoted: List[torch.Tensor] = []
         for m in modules:
-            has = isinstance(m, ProductQuantizedTable) and m.fallback is not None
-            fallbacks.append(m.fallback if has else torch.empty(0, 0))
-            promoted.append(m.promoted_ids if has else torch.empty(0, dtype=torch.int64))
+            if isinstance(m, ProductQuantizedTable) and m.fallback is not None:
+                assert m.promoted_ids is not None  # held with the fallback
+                fallbacks.append(m.fallback)
+                promoted.append(m.promoted_ids)
+            else:
+                fallbacks.append(torch.empty(0, 0))
+                promoted.append(torch.empty(0, dtype=torch.int64))
         return fallbacks, promoted
 
     def _tbe_forward(
@@ -797,7 +815,9 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         assert lookup is not None
         configs = (self._feature_configs if lookup is self._lookup
                    else [cfg for cfg in self._feature_configs if not cfg.compressed])
-        index_parts, length_parts, weight_parts = [], [], []
+        index_parts: List[torch.Tensor] = []
+        length_parts: List[torch.Tensor] = []
+        weight_parts: List[torch.Tensor] = []
         any_mean = any(cfg.pooling == PoolingType.MEAN for cfg in configs)
         need_weights = self._is_weighted or any_mean
         for cfg, (ids, lengths, w) in zip(configs, per_feature):
@@ -808,18 +828,22 @@ class QuantizedEmbeddingBagCollection(EmbeddingBagCollectionInterface):
                 w = torch.ones(ids.numel(), dtype=torch.float32, device=ids.device)
             if cfg.compressed:
                 m = cfg.num_subspaces
-                gathered = self.embedding_bags[cfg.name].codes[ids].to(torch.int64)
+                table = self.embedding_bags[cfg.name]
+                assert isinstance(table, ProductQuantizedTable)
+                gathered = table.codes[ids].to(torch.int64)
                 if gathered.numel() and int(gathered.max()) >= cfg.codebook_size:
                     raise ValueError(f"table {cfg.name!r}: codes hold a value >= codebook_size "
                                      f"{cfg.codebook_size}")
                 index_parts.append(gathered.t().reshape(-1))
                 length_parts.append(lengths.repeat(m))
                 if need_weights:
+                    assert w is not None  # set above whenever weights are needed
                     weight_parts.append(w.to(torch.float32).repeat(m))
             else:
                 index_parts.append(ids.to(torch.int64))
                 length_parts.append(lengths)
                 if need_weights:
+                    assert w is not None
                     weight_parts.append(w.to(torch.float32))
         indices = torch.cat(index_parts)
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(torch.cat(length_parts).long())

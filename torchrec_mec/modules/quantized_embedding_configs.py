@@ -112,7 +112,7 @@ class QuantizedEmbeddingBagConfig(EmbeddingBagConfig):
         if self.coded_rows is None:
             self.coded_rows = self.num_embeddings
         if not isinstance(self.coded_rows, numbers.Integral) or not (
-                1 <= self.coded_rows <= self.num_embeddings):
+                1 <= int(self.coded_rows) <= self.num_embeddings):
             raise ValueError(f"table {self.name!r}: coded_rows must be an integer in [1, "
                              f"num_embeddings={self.num_embeddings}], got {self.coded_rows!r}")
         new_ids = self.num_embeddings - self.coded_rows

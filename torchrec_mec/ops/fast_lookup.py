@@ -14,7 +14,7 @@
 """
 import importlib
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -79,7 +79,7 @@ if _CPU_OPERATOR_ERROR is None:
                        feature_slots, feature_names, table_names):
         return [torch.empty_like(p) for p in params] + [torch.empty_like(f) for f in fallbacks]
 
-    def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    def _setup_context(ctx, inputs, output) -> None:
         values, offsets, weights, codes, params, fallbacks, promoted, *static = inputs
         ctx.num_tables = len(codes)
         ctx.has_fallback = [f.numel() > 0 for f in fallbacks]
@@ -88,7 +88,7 @@ if _CPU_OPERATOR_ERROR is None:
         ctx.save_for_backward(values, offsets, weights, output[1], *codes, *params, *fallbacks,
                               *promoted)
 
-    def _backward(ctx, grad_pooled, _grad_saved):  # type: ignore[no-untyped-def]
+    def _backward(ctx, grad_pooled, _grad_saved):
         values, offsets, weights, saved, *tables = ctx.saved_tensors
         n = ctx.num_tables
         codes, params, fallbacks, promoted = (tables[:n], tables[n : 2 * n], tables[2 * n : 3 * n],

@@ -174,7 +174,7 @@ class _TBEFunction(torch.autograd.Function):
     Either way the backward slices the buffer's gradient per parameter."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx,
         lookup: TableBatchedLookup,
         buffer: FlatParameterBuffer,
@@ -220,7 +220,7 @@ class _TBEFunction(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: torch.Tensor):
         lookup: TableBatchedLookup = ctx.lookup
         buffer: FlatParameterBuffer = ctx.buffer
         if ctx.dense:

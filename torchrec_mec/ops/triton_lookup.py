@@ -198,12 +198,12 @@ if TRITON_AVAILABLE:
                 grad_books, mean, LaunchConfig(block_bags, num_warps, unroll))
         return grad_books
 
-    def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    def _setup_context(ctx, inputs, output) -> None:
         codes, codebooks, values, offsets, weights, *static = inputs
         ctx.save_for_backward(codes, codebooks, values, offsets, weights)
         ctx.static = static
 
-    def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    def _backward(ctx, grad_out):
         codes, codebooks, values, offsets, weights = ctx.saved_tensors
         grad_books = torch.ops.torchrec_mec.pq_bag_triton_backward(
             grad_out.contiguous(), codes, codebooks, values, offsets, weights, *ctx.static)
@@ -231,8 +231,8 @@ def pq_embedding_bag_triton(
     w.r.t. ``codebooks``. Runs as the operator ``torch.ops.torchrec_mec.pq_bag_triton_forward``
     (a ``torch.library.triton_op`` with a registered backward), so torch.compile and
     torch.export see the kernels. Ids outside the table add nothing and codes >= K read
-    codeword 0: nothing is read out of bounds; callers check ids on the device first. Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set
-    before this module was imported.
+    codeword 0: nothing is read out of bounds; callers check ids on the device first. Needs
+    CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` set before this module was imported.
 
     Example (on a GPU)::
 

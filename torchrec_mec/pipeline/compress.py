@@ -137,6 +137,7 @@ def _plan(
     """The budget plan: checked for reachability on every rank (so all fail alike), estimated
     and saved on rank 0, read by all; a saved plan for the same inputs and settings is reused."""
     s = settings.compress
+    assert s.target_ratio is not None  # a plan is made only for a target ratio
     check_ratio({t: tuple(w.shape) for t, (w, _) in tables.items()}, s.target_ratio,
                 s.codebook_sizes)
     if ctx.is_main and (force or not g_pathmgr.exists(uri)

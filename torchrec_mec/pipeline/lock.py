@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import List, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,8 @@ def _alive(pid: int) -> bool:
 
 
 def _read_all(fd: int) -> bytes:
-    chunks, offset = [], 0
+    chunks: List[bytes] = []
+    offset = 0
     while True:
         chunk = os.pread(fd, 1 << 16, offset)
         if not chunk:

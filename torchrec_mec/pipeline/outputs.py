@@ -76,8 +76,8 @@ def fingerprint(settings: Any, *inputs: str) -> str:
 
 def architecture(model: CTRModel) -> Dict[str, Any]:
     """What :func:`load_model` needs to rebuild ``model``: its ``ModelConfig``, data layout,
-    which tables are compressed (M, K) and which have a fallback for new ids. Take it before training: ``DistributedModelParallel``
-    replaces the model's embedding collection with its sharded twin in place.
+    which tables are compressed (M, K) and which have a fallback for new ids. Take it before
+    training: ``DistributedModelParallel`` replaces the model's embedding collection with its sharded twin in place.
 
     Example::
 

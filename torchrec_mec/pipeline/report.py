@@ -121,7 +121,8 @@ def metric_warnings(test: Mapping[str, Any]) -> List[str]:
         >>> metric_warnings({"num_samples": 300, "num_positives": 0})
         ['test AUC is undefined: the test split holds one class only (0 positives of 300 rows)']
         >>> metric_warnings({"num_samples": 1000, "num_positives": 40})
-        ['the test split has only 40 positives (of 1000 rows): its AUC moves by several hundredths with the split alone']
+        ['the test split has only 40 positives (of 1000 rows): its AUC moves by several hundredths
+        with the split alone']
     """
     n, pos = test["num_samples"], test["num_positives"]
     if pos in (0, n):

@@ -396,7 +396,8 @@ def check_splits(data: DataFacts, needs: Mapping[str, Sequence[str]]) -> None:
         ...              {"pretrain": ["train"], "evaluate": ["test"]})
         Traceback (most recent call last):
         ...
-        torchrec_mec.pipeline.settings.SettingsError: the test split is empty (1 train, 0 val, 0 test), and evaluate needs it: give more rows, or change data.split
+        torchrec_mec.pipeline.settings.SettingsError: the test split is empty (1 train, 0 val,
+        0 test), and evaluate needs it: give more rows, or change data.split
     """
     for split in ("train", "val", "test"):
         stages = [s for s, splits in needs.items() if split in splits]
@@ -416,7 +417,8 @@ def check_training(section: str, train: TrainSettings, data: DataFacts, world_si
         ...     {"train": 8, "val": 1, "test": 1}, {}), world_size=3)
         Traceback (most recent call last):
         ...
-        torchrec_mec.pipeline.settings.SettingsError: pretrain.batch_size (100) is not divisible by the number of processes (3)
+        torchrec_mec.pipeline.settings.SettingsError: pretrain.batch_size (100) is not divisible
+        by the number of processes (3)
     """
     if train.batch_size % world_size:
         raise SettingsError(f"{section}.batch_size ({train.batch_size}) is not divisible by the "
@@ -435,7 +437,9 @@ def check_update(settings: "Settings", data: DataFacts, world_size: int) -> None
         >>> check_update(Settings(), DataFacts({"train": 8, "val": 1, "test": 1}, {}), 1)
         Traceback (most recent call last):
         ...
-        torchrec_mec.pipeline.settings.SettingsError: update promotes new ids from their fallback tables, but new_ids.fallback_fraction is 0: set it (and new_ids.promotion_fraction) and run finetune again
+        torchrec_mec.pipeline.settings.SettingsError: update promotes new ids from their fallback
+        tables, but new_ids.fallback_fraction is 0: set it (and new_ids.promotion_fraction) and
+        run finetune again
     """
     if not settings.new_ids.fallback_fraction:
         raise SettingsError("update promotes new ids from their fallback tables, but "
@@ -460,7 +464,9 @@ def check_compress(settings: "Settings", data: DataFacts) -> None:
         >>> check_compress(Settings(), DataFacts({"train": 8, "val": 1, "test": 1}, {"C1": 600}))
         Traceback (most recent call last):
         ...
-        torchrec_mec.pipeline.settings.SettingsError: compress.min_rows is 100000 but the largest table (C1) has 600 rows: no table would be compressed; lower compress.min_rows (--min-rows) to at most 600 (and at least the codebook size 256)
+        torchrec_mec.pipeline.settings.SettingsError: compress.min_rows is 100000 but the largest
+        table (C1) has 600 rows: no table would be compressed; lower compress.min_rows
+        (--min-rows) to at most 600 (and at least the codebook size 256)
     """
     if settings.compress.target_ratio is not None:
         check_ratio({f: (n, settings.model.embedding_dim) for f, n in data.num_embeddings.items()},
@@ -487,7 +493,7 @@ def _defaults(cls: Any) -> Dict[str, Any]:
         elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         else:
-            out[f.name] = f.default_factory()  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[operator]  # not MISSING here
     return out
 
 

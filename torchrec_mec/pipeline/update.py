@@ -113,8 +113,8 @@ def update(
         trained.load_state_dict(state)
         qebc = trained.embedding_bag_collection
         counts = {table_name(f): c for f, c in dataset.id_counts(u.split).items()}
-        promoted = promote_frequent(qebc, counts, u.min_count)  # type: ignore[arg-type]
-        figures = {t: _traffic(qebc.embedding_bags[t], counts[t], ids)  # type: ignore[index]
+        promoted = promote_frequent(qebc, counts, u.min_count)
+        figures = {t: _traffic(qebc.embedding_bags[t], counts[t], ids)
                    for t, ids in promoted.items()}
         save_artifact(out.promoted_uri, promoted, {"split": u.split, "min_count": u.min_count,
                                                    "tables": figures}, PROMOTED_KIND)

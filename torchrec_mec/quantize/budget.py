@@ -41,7 +41,8 @@ class BudgetError(ValueError):
         ...     allocate(tables, target_ratio=20)
         ... except BudgetError as e:
         ...     print(e)
-        target ratio 20 cannot be met: the smallest embedding memory reachable is 100 B, 10.0x smaller than the float32 baseline of 1000 B (every table at its smallest option)
+        target ratio 20 cannot be met: the smallest embedding memory reachable is 100 B, 10.0x
+        smaller than the float32 baseline of 1000 B (every table at its smallest option)
     """
 
 
@@ -235,7 +236,8 @@ def check_ratio(
         ...     check_ratio({"t": (100_000, 64)}, target_ratio=300)
         ... except BudgetError as e:
         ...     print(str(e).split(":")[1])
-         the smallest embedding memory reachable is 104096 B, 245.9x smaller than the float32 baseline of 25600000 B (every table at its smallest option)
+         the smallest embedding memory reachable is 104096 B, 245.9x smaller than the float32
+         baseline of 25600000 B (every table at its smallest option)
     """
     costs = {name: TableCosts(table_bytes(n, dim, 0, 0), tuple(
         TableOption(m, k, table_bytes(n, dim, m, k), 0.0)

@@ -50,6 +50,10 @@ class MECQuantizer(nn.Module):
         (torch.Size([1000, 2]), torch.Size([1000, 8]))
     """
 
+    mean: torch.Tensor  # buffers
+    scale: torch.Tensor
+    distortion: torch.Tensor
+
     def __init__(
         self,
         dim: int,

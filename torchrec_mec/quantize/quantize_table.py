@@ -304,7 +304,7 @@ def _validate(weight: torch.Tensor, counts: torch.Tensor, config: MECConfig, nam
         fail(f"weight must be a 2-D float tensor [N, D], got {got}")
     n, dim = weight.shape
     if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.numel() != n:
-        got = list(counts.shape) if isinstance(counts, torch.Tensor) else type(counts)
+        got = str(list(counts.shape)) if isinstance(counts, torch.Tensor) else str(type(counts))
         fail(f"counts must be a 1-D tensor of length N={n}, got {got}")
     if counts.is_complex() or counts.dtype == torch.bool:
         fail(f"counts must be integer or float, got {counts.dtype}")
