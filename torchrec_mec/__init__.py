@@ -1,4 +1,6 @@
 """torchrec-mec: MEC embedding compression for TorchRec."""
+# First: names the install command when TorchRec or FBGEMM is missing.
+from torchrec_mec import _install_check  # noqa: F401
 from torchrec_mec.distributed import (
     QuantizedEmbeddingBagCollectionSharder,
     ShardedQuantizedEmbeddingBagCollection,
