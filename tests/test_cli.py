@@ -1,6 +1,9 @@
 """The ``mec`` command: flags and config files become settings; stages run; errors name files."""
+import io
 import json
+import logging
 import os
+import sys
 
 import pytest
 
@@ -134,3 +137,25 @@ def test_target_ratio_flag_runs_and_reports_the_choice_per_table(tmp_path, capsy
     assert main([*argv[:4], str(fresh), *argv[5:-1], "20"]) == 2
     assert "13.4x" in capsys.readouterr().err
     assert (fresh / "data" / "manifest.json").exists() and not (fresh / "pretrain").exists()
+
+
+def test_log_records_after_main_go_to_the_stderr_of_the_moment(tmp_path, monkeypatch):
+    """``main`` configures logging; a handler that kept the stderr of that moment wrote every
+    later record to it after pytest's capture had closed it ("Logging error ... I/O operation on
+    closed file" in the test logs). Records must go to whatever ``sys.stderr`` is then."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, logging.getLogger("torchrec_mec").level
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    try:
+        assert main(["compress", "--out", str(tmp_path)]) == 1
+        first.close()  # as pytest closes a finished test's capture
+        second = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", second)
+        logging.getLogger("torchrec_mec.test").warning("a record after main")
+        assert "[rank 0] a record after main" in second.getvalue()
+        assert "Logging error" not in second.getvalue()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logging.getLogger("torchrec_mec").setLevel(saved[2])

@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, TextIO
 
 from torchrec_mec.artifacts import ArtifactError
 from torchrec_mec.data import CorruptDatasetError, DataFormatError
@@ -107,6 +107,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(args.preset, args.config, overrides)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is at that moment, not as it was when ``main``
+    ran: pytest's capture swaps ``sys.stderr`` and closes the stream it swapped in, and a handler
+    that kept that stream failed every later record with "Logging error ... I/O operation on
+    closed file" (as ``logging.lastResort`` does)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property  # read-only: the stream is always the current sys.stderr
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``mec``; returns the exit status (2: bad usage or settings, a target
     ratio that cannot be met included; 1: a missing, stale or corrupted input, a run directory
@@ -119,7 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     # TorchRec and FBGEMM log every table at INFO; show theirs from WARNING, ours from INFO.
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s [rank {rank}] %(message)s",
-                        datefmt="%H:%M:%S", force=True)
+                        datefmt="%H:%M:%S", force=True, handlers=[_StderrHandler()])
     logging.getLogger("torchrec_mec").setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         return _dispatch(args)
