@@ -1,5 +1,7 @@
 """Stages 1-3 on 2 gloo ranks (torch.multiprocessing) equal the 1-process run for the same global
-batch: same losses, validation and test metrics (1e-5) and the same trained parameters."""
+batch: same losses, validation and test metrics (1e-5) and the same trained parameters; with the
+embedding L2 penalty and validations within epochs on (sharded tables with FBGEMM's fused
+optimizer get the penalty's gradient through the lookup, as unsharded ones do)."""
 import os
 import shutil
 
@@ -23,7 +25,8 @@ from torchrec_mec.pipeline import (
 OVERRIDES = {
     "model.embedding_dim": 8, "model.dense_hidden_sizes": [16], "model.over_hidden_sizes": [16],
     "pretrain.epochs": 2, "pretrain.batch_size": 128, "pretrain.checkpoint_every": 7,
-    "finetune.epochs": 1, "finetune.batch_size": 128,
+    "pretrain.embedding_l2": 1e-2, "pretrain.validate_every": 10, "pretrain.patience": 0,
+    "finetune.epochs": 1, "finetune.batch_size": 128, "finetune.embedding_l2": 1e-2,
     "compress.min_rows": 300,
     "compress.quantizer": {"num_subspaces": 2, "codebook_size": 16, "epochs": 2,
                            "samples_per_epoch": 1024, "batch_size": 512, "eval_rows": 0,

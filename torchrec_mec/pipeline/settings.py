@@ -87,6 +87,14 @@ class TrainSettings:
         keep_best (bool): validate the starting state and every epoch and keep the state with
             the lowest validation log loss (for fine-tuning, the starting state is the
             compressed model before any training); off keeps the last epoch.
+        patience (int): with ``keep_best``, stop training once this many validations in a row
+            have not lowered the validation log loss (0: run all ``epochs``).
+        validate_every (int): also validate every this many steps within an epoch (0: at
+            epoch ends only), so that one pass over large data can stop at its best point.
+        embedding_l2 (float): weight of an L2 penalty on the embedding rows each batch looks
+            up (the squared norm of every sample's pooled embeddings, averaged over the batch
+            and added to the loss; ``training.EmbeddingPenalty``). For fine-tuning, it acts on
+            codebooks and full tables.
 
     Example::
 
@@ -101,10 +109,17 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 0
     keep_best: bool = True
+    patience: int = 1
+    validate_every: int = 0
+    embedding_l2: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.checkpoint_every < 0:
-            raise ValueError(f"need epochs >= 1, batch_size >= 1, checkpoint_every >= 0: {self}")
+        if self.epochs < 1 or self.batch_size < 1 or min(self.checkpoint_every, self.patience,
+                                                         self.validate_every) < 0:
+            raise ValueError("need epochs >= 1, batch_size >= 1, checkpoint_every, patience and "
+                             f"validate_every >= 0: {self}")
+        if not self.embedding_l2 >= 0:
+            raise ValueError(f"embedding_l2 must be >= 0: {self}")
         if not (self.dense_lr > 0 and self.embedding_lr > 0):
             raise ValueError(f"learning rates must be > 0: {self}")
 

@@ -56,11 +56,12 @@ class TrainHistory:
 
     Args:
         step_loss (List[float]): mean training loss over each global batch, step by step.
-        epochs (List[Dict[str, Any]]): per validation: ``epoch`` (0: the starting state),
-            ``step`` (steps done), ``train_loss`` (mean over the epoch's steps; None for epoch
-            0), ``val_auc``, ``val_logloss``.
-        best_epoch (Optional[int]): the epoch whose state was kept (``keep_best``); None when
-            the last epoch's state is returned.
+        epochs (List[Dict[str, Any]]): per validation: ``epoch`` (epochs done: 0 is the
+            starting state, 1 the end of the first epoch, 0.25 a quarter into it with
+            ``validate_every``), ``step`` (steps done), ``train_loss`` (mean over the epoch's
+            steps so far; None for epoch 0), ``val_auc``, ``val_logloss``.
+        best_epoch (Optional[float]): the ``epoch`` of the validation whose state was kept
+            (``keep_best``); None when the last state is returned.
 
     Example::
 
@@ -71,7 +72,7 @@ class TrainHistory:
 
     step_loss: List[float] = field(default_factory=list)
     epochs: List[Dict[str, Any]] = field(default_factory=list)
-    best_epoch: Optional[int] = None
+    best_epoch: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -152,12 +153,15 @@ def train_model(
     split: str = "train",
     validate: bool = True,
 ) -> TrainResult:
-    """Trains ``model`` on the training split (or ``split``), validating after each epoch.
+    """Trains ``model`` on the training split (or ``split``), validating after each epoch
+    (and every ``settings.validate_every`` steps within one).
 
-    With ``settings.keep_best`` the starting state is validated too, and the state of the epoch
-    with the lowest validation log loss is returned (early stopping by selection: on small data
-    further epochs, or fine-tuning at all, can overfit). A NaN or infinite training loss stops
-    training with :class:`TrainingDivergedError`.
+    With ``settings.keep_best`` the starting state is validated too, the state with the lowest
+    validation log loss is returned, and training stops early once ``settings.patience``
+    validations in a row have not lowered it (on small data a second epoch, or fine-tuning at
+    all, can overfit). ``settings.embedding_l2`` adds an L2 penalty on the looked-up embeddings
+    (:class:`EmbeddingPenalty`). A NaN or infinite training loss stops training with
+    :class:`TrainingDivergedError`.
 
     Args:
         model (CTRModel): the unsharded model with its initial state (the same on every rank).
@@ -219,16 +223,21 @@ def train_model(
         best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc,
                          start_competes, None)
     steps_per_epoch = dataset.num_batches(split, local_batch, world_size=ctx.world_size)
+    every = settings.validate_every if validate else 0
+    patience = settings.patience if keep_best else 0
+    stopped = _patience_spent(history, patience)
+    penalty = EmbeddingPenalty(runner, settings.embedding_l2)
     bar = tqdm(total=settings.epochs * steps_per_epoch, initial=epoch * steps_per_epoch + skip,
                desc=desc, unit="step", disable=not (progress and ctx.is_main), dynamic_ncols=True)
-    while epoch < settings.epochs:
+    while epoch < settings.epochs and not stopped:
         runner.train()
         batches = dataset.batches(split, local_batch, shuffle=True, seed=settings.seed + epoch,
                                   rank=ctx.rank, world_size=ctx.world_size)
+        done = skip
         for step, batch in enumerate(batches):
             if step < skip:
                 continue
-            loss = _train_step(runner, optimizer, batch, ctx)
+            loss = _train_step(runner, optimizer, batch, ctx, penalty)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(
                     f"{desc}: the training loss is {loss} at step {len(history.step_loss) + 1} "
@@ -239,16 +248,27 @@ def train_model(
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.4f}")
             done = step + 1
-            if settings.checkpoint_every and done % settings.checkpoint_every == 0 \
-                    and done < steps_per_epoch:
+            if done >= steps_per_epoch:
+                break
+            if every and done % every == 0:
+                best = _validate(runner, dataset, eval_batch_size, ctx, history,
+                                 round(epoch + done / steps_per_epoch, 4),
+                                 _mean(history.step_loss[-done:]), desc, keep_best, best)
+                runner.train()
+                stopped = _patience_spent(history, patience)
+            if stopped or (settings.checkpoint_every and done % settings.checkpoint_every == 0):
                 _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, done, history,
                       best)
+            if stopped:
+                break
+        if stopped:
+            break
         skip = 0
         epoch += 1
-        epoch_losses = history.step_loss[-steps_per_epoch:]
         if validate:
             best = _validate(runner, dataset, eval_batch_size, ctx, history, epoch,
-                             sum(epoch_losses) / len(epoch_losses), desc, keep_best, best)
+                             _mean(history.step_loss[-done:]), desc, keep_best, best)
+            stopped = _patience_spent(history, patience)
             if ctx.is_main:
                 e = history.epochs[-1]
                 logger.info("%s: epoch %d/%d train loss %.4f, val AUC %s, val logloss %.4f",
@@ -257,12 +277,31 @@ def train_model(
                             e["val_logloss"])
         _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history, best)
     bar.close()
+    penalty.remove()
     if keep_best:
         if ctx.is_main:
-            logger.info("%s: keeping epoch %d (lowest validation log loss)", desc,
-                        history.best_epoch)
+            logger.info("%s: keeping epoch %s (lowest validation log loss)%s", desc,
+                        history.best_epoch, " after early stopping" if stopped else "")
         return TrainResult(state=best, history=history)
     return TrainResult(state=gather_state(runner.state_dict(), ctx), history=history)
+
+
+def _mean(values: List[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _patience_spent(history: TrainHistory, patience: int) -> bool:
+    """Whether the last ``patience`` validations all came after the best one (early stopping;
+    never with ``patience`` 0). Derived from the history alone, so a resumed run decides alike.
+
+    >>> h = TrainHistory(epochs=[{"epoch": e} for e in (0, 1, 2, 3)], best_epoch=1)
+    >>> _patience_spent(h, 2), _patience_spent(h, 3)
+    (True, False)
+    """
+    if not patience or history.best_epoch is None:
+        return False
+    marks = [e["epoch"] for e in history.epochs]
+    return len(marks) - 1 - marks.index(history.best_epoch) >= patience
 
 
 def _validate(runner: nn.Module, dataset: CTRDataset, batch_size: int, ctx: DistContext,
@@ -301,9 +340,62 @@ def _sparse_table_gradients(model: nn.Module) -> None:
                 bag.sparse = True
 
 
+class EmbeddingPenalty:
+    """An L2 penalty on the embedding rows a training batch looks up, ``weight`` times the
+    squared norm of each sample's pooled embeddings (every feature's), summed over the batch
+    (the training loop divides it by the global batch like the loss).
+
+    It reads the output of the model's ``sparse_arch`` (a forward hook), so it works the same
+    whether the tables are plain ``EmbeddingBagCollection``s, sharded ones with FBGEMM's fused
+    optimizer (the gradient reaches the rows through the lookup's backward), or the codebooks
+    and full tables of a ``QuantizedEmbeddingBagCollection``. With one id per feature per sample
+    (Criteo, Avazu, the synthetic data) the pooled embedding is the looked-up row, so this is
+    the L2 on looked-up rows of CTR libraries. No hook with ``weight`` 0; nothing in eval mode.
+
+    Example::
+
+        >>> from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        >>> from torchrec_mec.models import ModelConfig, build_model
+        >>> m = build_model(ModelConfig(embedding_dim=2, dense_hidden_sizes=(4,),
+        ...                             over_hidden_sizes=(4,)), 1, ["C1"], {"C1": 3})
+        >>> kjt = KeyedJaggedTensor.from_lengths_sync(keys=["C1"], values=torch.tensor([2]),
+        ...                                           lengths=torch.tensor([1]))
+        >>> penalty = EmbeddingPenalty(m, weight=0.5)
+        >>> _ = m(torch.zeros(1, 1), kjt)
+        >>> row = m.embedding_bag_collection.embedding_bags["t_C1"].weight[2]
+        >>> torch.allclose(penalty.take(), 0.5 * row.pow(2).sum())
+        True
+        >>> penalty.remove()
+    """
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        self.weight = weight
+        self._terms: List[torch.Tensor] = []
+        self._handles = [m.register_forward_hook(self._hook) for name, m in
+                         model.named_modules() if weight and name.split(".")[-1] == "sparse_arch"]
+        if weight and not self._handles:
+            raise ValueError(f"embedding_l2 needs a model with a sparse_arch; "
+                             f"{type(model).__name__} has none")
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if module.training:
+            values = output if isinstance(output, torch.Tensor) else output.values()
+            self._terms.append(values.pow(2).sum())
+
+    def take(self) -> Optional[torch.Tensor]:
+        """The penalty of the forward passes since the last call (None if none or weight 0)."""
+        terms, self._terms = self._terms, []
+        return self.weight * torch.stack(terms).sum() if terms else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any,
-                ctx: DistContext) -> float:
-    """One optimizer step on this rank's slice of a global batch; returns the global mean loss."""
+                ctx: DistContext, penalty: EmbeddingPenalty) -> float:
+    """One optimizer step on this rank's slice of a global batch; returns the global mean loss
+    (the cross-entropy; the embedding penalty is added to what is back-propagated only)."""
     batch = batch.to(ctx.device)
     logits = runner(batch.dense_features, batch.sparse_features)
     per_sample = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels,
@@ -313,7 +405,11 @@ def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any,
     if ctx.distributed:
         dist.all_reduce(total)
     loss_sum, global_batch = float(total[0]), float(total[1])
-    loss = per_sample.sum() * (ctx.world_size / global_batch)
+    objective = per_sample.sum()
+    l2 = penalty.take()
+    if l2 is not None:
+        objective = objective + l2
+    loss = objective * (ctx.world_size / global_batch)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
