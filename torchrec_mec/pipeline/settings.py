@@ -13,6 +13,7 @@ Unknown keys are errors that name the key (and the file), never silently ignored
 import dataclasses
 import json
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +32,10 @@ from torchrec_mec.quantize.config import MECConfig
 logger = logging.getLogger(__name__)
 
 DEFAULT_PRESET = "published"
+AUTO_BATCH_STEPS = 500
+"""Steps per epoch ``batch_size: 0`` aims at (``TrainSettings.global_batch_size``)."""
+AUTO_BATCH_RANGE = (128, 8192)
+"""The smallest and largest batch ``batch_size: 0`` chooses."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ class TrainSettings:
     Args:
         epochs (int): passes over the training split.
         batch_size (int): global batch size (all ranks together); divisible by the world size.
+            0: chosen from the training rows (``global_batch_size``): about
+            ``AUTO_BATCH_STEPS`` steps an epoch, a power of two in [128, 8192].
         dense_lr (float): Adam learning rate of the dense arch, interaction and over arch.
         embedding_lr (float): Adagrad learning rate of embedding tables and codebooks.
         seed (int): model initialisation and shuffling (epoch ``e`` shuffles with ``seed + e``).
@@ -88,7 +95,8 @@ class TrainSettings:
             the lowest validation log loss (for fine-tuning, the starting state is the
             compressed model before any training); off keeps the last epoch.
         patience (int): with ``keep_best``, stop training once this many validations in a row
-            have not lowered the validation log loss (0: run all ``epochs``).
+            have not lowered the validation log loss (0: run all ``epochs``; stage 1's default
+            is 1, ``PRETRAIN_DEFAULTS``).
         validate_every (int): also validate every this many steps within an epoch (0: at
             epoch ends only), so that one pass over large data can stop at its best point.
         embedding_l2 (float): weight of an L2 penalty on the embedding rows each batch looks
@@ -109,19 +117,45 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every: int = 0
     keep_best: bool = True
-    patience: int = 1
+    patience: int = 0
     validate_every: int = 0
     embedding_l2: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or min(self.checkpoint_every, self.patience,
-                                                         self.validate_every) < 0:
-            raise ValueError("need epochs >= 1, batch_size >= 1, checkpoint_every, patience and "
+        if self.epochs < 1 or min(self.batch_size, self.checkpoint_every, self.patience,
+                                  self.validate_every) < 0:
+            raise ValueError("need epochs >= 1, and batch_size, checkpoint_every, patience and "
                              f"validate_every >= 0: {self}")
         if not self.embedding_l2 >= 0:
             raise ValueError(f"embedding_l2 must be >= 0: {self}")
+
+    def global_batch_size(self, train_rows: int, world_size: int = 1) -> int:
+        """The global batch size: ``batch_size``, or with 0 the power of two nearest
+        ``train_rows / AUTO_BATCH_STEPS`` within [128, 8192] (then rounded up to a multiple of
+        ``world_size``). Small batches give small data enough steps; on large data 8192 keeps
+        the steps cheap.
+
+        Example::
+
+            >>> auto = TrainSettings(batch_size=0)
+            >>> [auto.global_batch_size(n) for n in (6_400, 480_000, 4_000_000, 40_000_000)]
+            [128, 1024, 8192, 8192]
+            >>> auto.global_batch_size(480_000, world_size=3)
+            1026
+        """
+        if self.batch_size:
+            return self.batch_size
+        size = 2 ** round(math.log2(max(train_rows / AUTO_BATCH_STEPS, 1)))
+        size = min(max(size, AUTO_BATCH_RANGE[0]), AUTO_BATCH_RANGE[1])
+        return -(-size // world_size) * world_size
         if not (self.dense_lr > 0 and self.embedding_lr > 0):
             raise ValueError(f"learning rates must be > 0: {self}")
+
+
+PRETRAIN_DEFAULTS = TrainSettings(epochs=10, batch_size=0, patience=1)
+"""Stage 1 by default: a batch size from the training rows (``global_batch_size``), up to 10
+epochs, stopped after the first validation that does not improve the validation log loss, the
+best state kept (docs/pipeline.md, "Stage 1's defaults")."""
 
 
 @dataclass(frozen=True)
@@ -288,7 +322,7 @@ class Settings:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataSettings = field(default_factory=DataSettings)
-    pretrain: TrainSettings = field(default_factory=TrainSettings)
+    pretrain: TrainSettings = field(default_factory=lambda: PRETRAIN_DEFAULTS)
     compress: CompressSettings = field(default_factory=CompressSettings)
     finetune: TrainSettings = field(default_factory=TrainSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
@@ -435,7 +469,7 @@ def check_training(section: str, train: TrainSettings, data: DataFacts, world_si
         torchrec_mec.pipeline.settings.SettingsError: pretrain.batch_size (100) is not divisible
         by the number of processes (3)
     """
-    if train.batch_size % world_size:
+    if train.batch_size and train.batch_size % world_size:
         raise SettingsError(f"{section}.batch_size ({train.batch_size}) is not divisible by the "
                             f"number of processes ({world_size})")
     if data.num_rows["val"] == 0:
@@ -505,6 +539,10 @@ def _defaults(cls: Any) -> Dict[str, Any]:
     for f in dataclasses.fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             out[f.name] = _defaults(hints[f.name])
+            if f.default_factory not in (hints[f.name], dataclasses.MISSING):  # own defaults
+                own = f.default_factory()  # type: ignore[misc]
+                out[f.name].update({k: getattr(own, k) for k, v in out[f.name].items()
+                                    if not isinstance(v, dict)})
         elif f.default is not dataclasses.MISSING:
             out[f.name] = f.default
         else:

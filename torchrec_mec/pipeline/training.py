@@ -62,6 +62,8 @@ class TrainHistory:
             steps so far; None for epoch 0), ``val_auc``, ``val_logloss``.
         best_epoch (Optional[float]): the ``epoch`` of the validation whose state was kept
             (``keep_best``); None when the last state is returned.
+        batch_size (Optional[int]): the global batch size trained with (``batch_size: 0``
+            chooses it from the training rows).
 
     Example::
 
@@ -73,6 +75,7 @@ class TrainHistory:
     step_loss: List[float] = field(default_factory=list)
     epochs: List[Dict[str, Any]] = field(default_factory=list)
     best_epoch: Optional[float] = None
+    batch_size: Optional[int] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -192,10 +195,11 @@ def train_model(
             size does not divide by the world size.
         TrainingDivergedError: the loss became NaN or infinite (names step and learning rates).
     """
-    if settings.batch_size % ctx.world_size:
-        raise ValueError(f"batch_size {settings.batch_size} is not divisible by the world size "
+    batch_size = settings.global_batch_size(dataset.num_rows(split), ctx.world_size)
+    if batch_size % ctx.world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the world size "
                          f"{ctx.world_size}")
-    local_batch = settings.batch_size // ctx.world_size
+    local_batch = batch_size // ctx.world_size
     runner: nn.Module = model
     if ctx.distributed:
         initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -209,7 +213,7 @@ def train_model(
     runner.to(ctx.device)
     optimizer, own = build_optimizer(runner, settings)
 
-    history = TrainHistory()
+    history = TrainHistory(batch_size=batch_size)
     best: Optional[Dict[str, torch.Tensor]] = None
     epoch, skip = 0, 0
     resumed = _resume(checkpoint_uri, fingerprint, ctx, runner, optimizer, own)
