@@ -241,13 +241,22 @@ class SyntheticClickModel:
                 new_ranks = zipf_ranks(uniform(rows[new], stream_key(seed, "new_zipf", f)), added,
                                        cfg.zipf_exponent)
                 ids[new, f] = num_ids + (new_ranks * m + c) % added
-        dense = np.empty((len(rows), cfg.num_dense), dtype=np.float32)
+        counts = self.dense_counts(start, stop)
+        dense = np.log1p(np.where(np.isnan(counts), 0.0, counts)).astype(np.float32)
+        return dense, ids
+
+    def dense_counts(self, start: int, stop: int) -> np.ndarray:
+        """The raw dense counts of rows ``start..stop-1`` (``features`` holds their log1p),
+        float64 [n, num_dense], NaN where missing."""
+        cfg, seed = self.config, self.seed
+        rows = np.arange(start, stop, dtype=np.uint64)
+        counts = np.empty((len(rows), cfg.num_dense))
         for j in range(cfg.num_dense):
             z = normal(rows, stream_key(seed, "dense", j))
-            counts = np.floor(np.exp(self.dense_log_mean[j] + self.dense_log_std[j] * z))
+            counts[:, j] = np.floor(np.exp(self.dense_log_mean[j] + self.dense_log_std[j] * z))
             missing = uniform(rows, stream_key(seed, "missing", j)) < cfg.dense_missing_rate
-            dense[:, j] = np.log1p(np.where(missing, 0.0, counts))
-        return dense, ids
+            counts[missing, j] = np.nan
+        return counts
 
     @property
     def term_names(self) -> List[str]:
