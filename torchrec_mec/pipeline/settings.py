@@ -540,7 +540,7 @@ def _defaults(cls: Any) -> Dict[str, Any]:
         if dataclasses.is_dataclass(hints[f.name]):
             out[f.name] = _defaults(hints[f.name])
             if f.default_factory not in (hints[f.name], dataclasses.MISSING):  # own defaults
-                own = f.default_factory()  # type: ignore[misc]
+                own = f.default_factory()
                 out[f.name].update({k: getattr(own, k) for k, v in out[f.name].items()
                                     if not isinstance(v, dict)})
         elif f.default is not dataclasses.MISSING:

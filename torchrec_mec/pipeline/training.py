@@ -309,7 +309,7 @@ def _patience_spent(history: TrainHistory, patience: int) -> bool:
 
 
 def _validate(runner: nn.Module, dataset: CTRDataset, batch_size: int, ctx: DistContext,
-              history: TrainHistory, epoch: int, train_loss: Optional[float], desc: str,
+              history: TrainHistory, epoch: float, train_loss: Optional[float], desc: str,
               keep_best: bool, best: Optional[Dict[str, torch.Tensor]]
               ) -> Optional[Dict[str, torch.Tensor]]:
     """Scores the validation split and records it. With ``keep_best``, returns the full state
