@@ -117,7 +117,9 @@ def finetune(
     progress: bool = True,
 ) -> FinetuneOutput:
     """Stage 3: trains the compressed model (codes frozen; codebooks, full tables and the dense
-    parts trained), starting from the pre-trained model and stage 2's codebooks.
+    parts trained), starting from the pre-trained model and stage 2's codebooks. With
+    ``finetune.distill_weight``, the pre-trained model is the teacher: the targets mix its
+    predicted probabilities with the labels (``training.distillation_targets``).
 
     Runs in one process or data-parallel under torchrun (``DistributedModelParallel`` with the
     QEBC sharder); resumes from ``out_dir/checkpoint.mec``.
@@ -153,9 +155,11 @@ def finetune(
     model = compressed_model(pretrain_dir, compress_dir, settings.new_ids)
     torch.manual_seed(settings.finetune.seed)
     arch = architecture(model)  # before DMP shards the model in place
+    teacher = load_model(pretrain_dir)[0] if settings.finetune.distill_weight else None
     result = train_model(model, dataset, settings.finetune, ctx=ctx, checkpoint_uri=checkpoint,
                          fingerprint=want, eval_batch_size=settings.evaluate.batch_size,
-                         desc="finetune", progress=progress)
+                         desc="finetune", progress=progress, teacher=teacher,
+                         distill_weight=settings.finetune.distill_weight)
     if ctx.is_main:
         assert result.state is not None
         save_model(out_dir, result.state, arch,

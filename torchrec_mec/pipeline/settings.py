@@ -159,6 +159,30 @@ best state kept (docs/pipeline.md, "Stage 1's defaults")."""
 
 
 @dataclass(frozen=True)
+class FinetuneSettings(TrainSettings):
+    """Training of the compressed model (stage 3): :class:`TrainSettings` and distillation.
+
+    Args:
+        distill_weight (float): in [0, 1]; the target of each training row's cross-entropy is
+            ``(1 - w) * label + w * sigmoid(teacher logit)``, the teacher being the
+            pre-trained (uncompressed) model, which is equivalent to
+            ``(1 - w) * BCE(label) + w * BCE(teacher probability)``. 0: labels only.
+
+    Example::
+
+        >>> FinetuneSettings(epochs=2, distill_weight=0.5).distill_weight
+        0.5
+    """
+
+    distill_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+
+
+@dataclass(frozen=True)
 class CompressSettings:
     """Stage 2: which tables are product-quantized, and how.
 
@@ -324,7 +348,7 @@ class Settings:
     data: DataSettings = field(default_factory=DataSettings)
     pretrain: TrainSettings = field(default_factory=lambda: PRETRAIN_DEFAULTS)
     compress: CompressSettings = field(default_factory=CompressSettings)
-    finetune: TrainSettings = field(default_factory=TrainSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     new_ids: NewIdSettings = field(default_factory=NewIdSettings)
     update: UpdateSettings = field(default_factory=UpdateSettings)

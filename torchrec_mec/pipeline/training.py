@@ -155,6 +155,8 @@ def train_model(
     start_competes: bool = True,
     split: str = "train",
     validate: bool = True,
+    teacher: Optional[nn.Module] = None,
+    distill_weight: float = 0.0,
 ) -> TrainResult:
     """Trains ``model`` on the training split (or ``split``), validating after each epoch
     (and every ``settings.validate_every`` steps within one).
@@ -185,6 +187,10 @@ def train_model(
         split (str): the split to train on (``mec update`` trains on the traffic since
             compression).
         validate (bool): validate on ``val`` after each epoch (False when training on it).
+        teacher (Optional[nn.Module]): a model (unsharded, the same inputs) whose predicted
+            probabilities are mixed into the targets with ``distill_weight``
+            (:func:`distillation_targets`); stage 3's teacher is the pre-trained model.
+        distill_weight (float): the teacher's share of the targets, in [0, 1].
 
     Returns:
         TrainResult: the full trained state (rank 0) and the history.
@@ -211,6 +217,8 @@ def train_model(
     else:
         _sparse_table_gradients(model)
     runner.to(ctx.device)
+    if teacher is not None:
+        teacher.to(ctx.device).eval()
     optimizer, own = build_optimizer(runner, settings)
 
     history = TrainHistory(batch_size=batch_size)
@@ -241,7 +249,7 @@ def train_model(
         for step, batch in enumerate(batches):
             if step < skip:
                 continue
-            loss = _train_step(runner, optimizer, batch, ctx, penalty)
+            loss = _train_step(runner, optimizer, batch, ctx, penalty, teacher, distill_weight)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(
                     f"{desc}: the training loss is {loss} at step {len(history.step_loss) + 1} "
@@ -396,13 +404,35 @@ class EmbeddingPenalty:
             handle.remove()
 
 
-def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any,
-                ctx: DistContext, penalty: EmbeddingPenalty) -> float:
+def distillation_targets(labels: torch.Tensor, teacher_logits: torch.Tensor,
+                         weight: float) -> torch.Tensor:
+    """The targets ``(1 - weight) * labels + weight * sigmoid(teacher_logits)``. The binary
+    cross-entropy is linear in its target, so training on them minimises
+    ``(1 - weight) * BCE(labels) + weight * BCE(teacher's probabilities)``: knowledge
+    distillation from the teacher's soft labels.
+
+    Example::
+
+        >>> distillation_targets(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), 0.25)
+        tensor([0.8750, 0.1250])
+    """
+    return torch.lerp(labels, torch.sigmoid(teacher_logits.to(labels.dtype)), weight)
+
+
+def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any, ctx: DistContext,
+                penalty: EmbeddingPenalty, teacher: Optional[nn.Module] = None,
+                distill_weight: float = 0.0) -> float:
     """One optimizer step on this rank's slice of a global batch; returns the global mean loss
-    (the cross-entropy; the embedding penalty is added to what is back-propagated only)."""
+    (the cross-entropy, against the distillation targets when there is a teacher; the
+    embedding penalty is added to what is back-propagated only)."""
     batch = batch.to(ctx.device)
     logits = runner(batch.dense_features, batch.sparse_features)
-    per_sample = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels,
+    targets = batch.labels
+    if teacher is not None and distill_weight > 0:
+        with torch.no_grad():
+            targets = distillation_targets(
+                targets, teacher(batch.dense_features, batch.sparse_features), distill_weight)
+    per_sample = nn.functional.binary_cross_entropy_with_logits(logits, targets,
                                                                 reduction="none")
     total = torch.stack([per_sample.sum().detach(),
                          torch.tensor(float(per_sample.numel()), device=ctx.device)])
