@@ -18,9 +18,9 @@ off), ``mec_kmeans`` (MEC's traffic weighting, its k-means initialisation only, 
 training), ``mec`` (the default quantizer), ``mec_published`` (MEC with its published
 ``max(1, floor(log2 n))`` weights), ``mec_unseen_mean`` / ``mec_unseen_keep`` (``mec_kmeans``
 with the rows never seen in training decoded to the codes of their mean, or kept exactly:
-what an unseen row should decode to), ``mec_distill`` / ``kmeans_pq_distill`` (``mec`` /
-``kmeans_pq`` with stage 3 distilled from the pre-trained model, ``finetune.distill_weight``
-0.5). "traffic error" is the squared reconstruction error per
+what an unseen row should decode to), ``mec_distill`` / ``mec_kmeans_distill`` /
+``kmeans_pq_distill`` (``mec`` / ``mec_kmeans`` / ``kmeans_pq`` with stage 3 distilled from the
+pre-trained model, ``finetune.distill_weight`` 0.5). "traffic error" is the squared reconstruction error per
 lookup on the validation split's traffic (rows never seen in training included), summed over
 tables; "stage 2 s" the wall and CPU seconds of ``compress``.
 """
@@ -76,6 +76,8 @@ VARIANTS: Dict[str, Variant] = {
     "mec_unseen_mean": Variant({"compress.quantizer.epochs": 0}, unseen="mean"),
     "mec_unseen_keep": Variant({"compress.quantizer.epochs": 0}, unseen="keep"),
     "mec_distill": Variant({"finetune.distill_weight": 0.5}),
+    "mec_kmeans_distill": Variant({"compress.quantizer.epochs": 0,
+                                   "finetune.distill_weight": 0.5}),
     "kmeans_pq_distill": Variant({"compress.method": "kmeans_pq",
                                   "finetune.distill_weight": 0.5}),
 }
