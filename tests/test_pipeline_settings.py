@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from torchrec_mec.pipeline import PRESETS, Settings, SettingsError, load_settings
-from torchrec_mec.pipeline.settings import TrainSettings, settings_from_dict
+from torchrec_mec.pipeline.settings import FinetuneSettings, settings_from_dict
 from torchrec_mec.quantize import MECConfig
 
 
@@ -20,7 +20,7 @@ def test_published_defaults():
 def test_stage1_defaults_choose_the_batch_and_stop_early():
     s = load_settings()
     assert (s.pretrain.batch_size, s.pretrain.epochs, s.pretrain.patience) == (0, 10, 1)
-    assert s.finetune == TrainSettings()  # fine-tuning keeps the class defaults
+    assert s.finetune == FinetuneSettings()  # fine-tuning keeps the class defaults
     # a preset or file changes what it names and keeps stage 1's other defaults
     s = load_settings("sample", overrides={"pretrain.embedding_l2": "1e-5"})
     assert (s.pretrain.batch_size, s.pretrain.patience, s.pretrain.embedding_l2) == (256, 1, 1e-5)
