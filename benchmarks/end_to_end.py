@@ -6,10 +6,16 @@ uncompressed and the compressed model, each pair measured in the same run.
     # the real Criteo sample, spread over seeds
     python benchmarks/end_to_end.py --format criteo --data ../shared/data/criteo_sample_8k.tsv \\
         --preset sample --seeds 0 1 2 3 4
+    # MEC against the alternatives at equal memory (mec run --compare), 3 seeds
+    python benchmarks/end_to_end.py --format synthetic --config benchmarks/compare_dev.yaml \\
+        --seeds 0 1 2 --compare
 
 Seeds vary model initialisation, shuffling and the quantizer (``--seed`` of ``mec``); the data
 split stays fixed. Prints one line per seed and the mean and standard deviation, and writes
-``<out>/summary.json``.
+``<out>/summary.json``. With ``--compare``, also the test AUC per (method, ratio) as mean +- std
+over the seeds, with the ratio reached, beside a plain factorization machine trained on the same
+split (``benchmarks/fm_reference.py``, when present), in ``<out>/comparisons.md`` and a plot
+``<out>/compare_auc_vs_memory.png``.
 """
 import argparse
 import json
@@ -20,9 +26,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from torchrec_mec.data import EncodedDataset  # noqa: E402
 from torchrec_mec.pipeline import load_settings, run, stage_dir  # noqa: E402
@@ -33,7 +42,8 @@ def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     settings = load_settings(args.preset, args.config, overrides)
     out = os.path.join(args.out, f"seed{seed}")
     started = time.perf_counter()
-    report = run(args.data, args.format, out, settings, progress=not args.no_progress)
+    report = run(args.data, args.format, out, settings, progress=not args.no_progress,
+                 compare=args.compare)
     row = {
         "seed": seed,
         "ratio": report["memory"]["ratio"],
@@ -41,7 +51,7 @@ def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
         "mec_bytes": report["memory"]["mec_bytes"],
         "baseline_auc": report["baseline"]["auc"],
         "mec_auc": report["mec"]["auc"],
-        "auc_gap": report["mec"]["auc"] - report["baseline"]["auc"],
+        "auc_gap": report["auc_change"],
         "baseline_logloss": report["baseline"]["logloss"],
         "mec_logloss": report["mec"]["logloss"],
         "compressed_tables": sum(t["compressed"] for t in report["tables"].values()),
@@ -51,7 +61,92 @@ def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     data = EncodedDataset(stage_dir(out, "data"))
     if data.is_synthetic:
         row["bayes_auc"] = data.bayes_auc("test")
+    if args.compare:
+        row["comparisons"] = report["comparisons"]
+        row["fm_auc"] = fm_reference_auc(data, seed)
     return row
+
+
+def fm_reference_auc(data: EncodedDataset, seed: int) -> Optional[float]:
+    """Test AUC of the plain factorization machine of ``benchmarks/fm_reference.py`` on the
+    same split, or None where that file is not there."""
+    try:
+        from fm_reference import train_fm
+    except ImportError:
+        return None
+    return train_fm(data, seed=seed).test_auc
+
+
+def mean_std(values: Sequence[Optional[float]]) -> Tuple[Optional[float], Optional[float], int]:
+    """Mean and standard deviation of the defined values (an undefined AUC is None), and how
+    many there were."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None, None, 0
+    return (statistics.fmean(defined), statistics.stdev(defined) if len(defined) > 1 else 0.0,
+            len(defined))
+
+
+def _pm(values: Sequence[Optional[float]], digits: int = 4) -> str:
+    mean, std, n = mean_std(values)
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f} +- {std:.{digits}f}" + (f" ({n} seeds)" if n < len(values) else "")
+
+
+def comparison_table(rows: List[Dict[str, Any]]) -> Tuple[str, Dict[str, Any]]:
+    """The comparisons of every seed's run as a markdown table (mean +- std per method and
+    ratio; unreachable cells say so) and as JSON."""
+    cells: Dict[Tuple[str, Optional[float]], List[Dict[str, Any]]] = {}
+    for r in rows:
+        for c in r["comparisons"]:
+            cells.setdefault((c["method"], c["target_ratio"]), []).append(c)
+    lines = ["| method | target ratio | ratio reached | embedding bytes | test AUC "
+             "(mean +- std) | test log loss |", "|---|---|---|---|---|---|"]
+    out: Dict[str, Any] = {}
+    for (method, target), cs in cells.items():
+        where = "-" if target is None else f"{target:g}x"
+        if all(c["unreachable"] for c in cs):
+            lines.append(f"| {method} | {where} | unreachable: {cs[0]['unreachable']} | | | |")
+            out[f"{method}@{where}"] = {"unreachable": cs[0]["unreachable"]}
+            continue
+        aucs = [c["auc"] for c in cs]
+        ratio, _, _ = mean_std([c["ratio"] for c in cs])
+        lines.append(f"| {method} | {where} | {ratio:.1f}x | {cs[0]['bytes']:,} | {_pm(aucs)} | "
+                     f"{_pm([c['logloss'] for c in cs])} |")
+        out[f"{method}@{where}"] = {"ratio": ratio, "auc": mean_std(aucs)[:2],
+                                    "aucs": aucs, "bytes": [c["bytes"] for c in cs]}
+    fm = [r["fm_auc"] for r in rows]
+    lines.append(f"| FM reference (plain, full tables) | - | - | - | {_pm(fm)} | |")
+    out["fm_reference"] = {"auc": mean_std(fm)[:2], "aucs": fm}
+    return "\n".join(lines), out
+
+
+def plot_comparison(table: Dict[str, Any], path: str, title: str) -> None:
+    """Test AUC (mean +- std over seeds) against the memory ratio reached, log x."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    curves: Dict[str, List[Tuple[float, float, float]]] = {}
+    for key, v in table.items():
+        method = key.split("@")[0]
+        if method in ("baseline", "fm_reference") or "ratio" not in v or v["auc"][0] is None:
+            continue
+        curves.setdefault(method, []).append((v["ratio"], *v["auc"]))
+    for method, points in curves.items():
+        x, y, err = zip(*sorted(points))
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+    for key, style, label in (("baseline@-", "--", "baseline (float32)"),
+                              ("fm_reference", ":", "FM reference")):
+        mean = table.get(key, {}).get("auc", (None,))[0]
+        if mean is not None:
+            ax.axhline(mean, color="black", linestyle=style, linewidth=0.9,
+                       label=f"{label} {mean:.4f}")
+    ax.set_xscale("log")
+    ax.set(xlabel="embedding memory ratio (float32 tables / bytes)", ylabel="test AUC",
+           title=title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -63,6 +158,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default="runs/benchmark")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--compare", action="store_true",
+                        help="also mec compare: the alternatives at equal memory")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torchrec_mec").setLevel(logging.INFO)
@@ -72,20 +169,31 @@ def main() -> None:
         rows.append(one_run(args, seed))
         r = rows[-1]
         print(f"seed {seed}: {r['compressed_tables']}/{r['tables']} tables compressed, "
-              f"ratio {r['ratio']:.1f}x, AUC {r['baseline_auc']:.4f} -> {r['mec_auc']:.4f} "
-              f"({r['auc_gap']:+.4f}), logloss {r['baseline_logloss']:.4f} -> "
+              f"ratio {r['ratio']:.1f}x, AUC {_auc(r['baseline_auc'])} -> {_auc(r['mec_auc'])} "
+              f"({_auc(r['auc_gap'], '+')}), logloss {r['baseline_logloss']:.4f} -> "
               f"{r['mec_logloss']:.4f}, {r['seconds']:.0f} s", flush=True)
     summary: Dict[str, Any] = {"runs": rows, "machine": {
         "platform": platform.platform(), "cpus": os.cpu_count()}, "args": vars(args)}
     for key in ("ratio", "baseline_auc", "mec_auc", "auc_gap", "baseline_logloss",
                 "mec_logloss"):
-        values = [r[key] for r in rows]
-        summary[key] = {"mean": statistics.fmean(values),
-                        "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-        print(f"{key:17s} mean {summary[key]['mean']:.4f}  std {summary[key]['std']:.4f}")
+        mean, std, n = mean_std([r[key] for r in rows])
+        summary[key] = {"mean": mean, "std": std, "runs": n}
+        print(f"{key:17s} {_pm([r[key] for r in rows])}")
     os.makedirs(args.out, exist_ok=True)
+    if args.compare:
+        text, table = comparison_table(rows)
+        summary["comparisons"] = table
+        print(text)
+        with open(os.path.join(args.out, "comparisons.md"), "w") as f:
+            f.write(text + "\n")
+        plot_comparison(table, os.path.join(args.out, "compare_auc_vs_memory.png"),
+                        f"test AUC at equal embedding memory ({len(rows)} seeds)")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
+
+
+def _auc(value: Optional[float], sign: str = "") -> str:
+    return "undefined" if value is None else f"{value:{sign}.4f}"
 
 
 if __name__ == "__main__":

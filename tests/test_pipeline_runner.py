@@ -56,11 +56,12 @@ def _mtimes(out):
 
 
 def test_graph_orders_stages_by_what_they_read():
-    assert STAGE_NAMES == ("prepare", "pretrain", "compress", "finetune", "evaluate", "report",
-                           "update")
-    assert RUN_STAGE_NAMES == STAGE_NAMES[:6]
+    assert STAGE_NAMES == ("prepare", "pretrain", "compress", "finetune", "evaluate", "compare",
+                           "report", "update")
+    # mec run does not compare: report reads compare's outputs only when present.
+    assert RUN_STAGE_NAMES == (*STAGE_NAMES[:5], "report")
     for i, stage in enumerate(STAGES):
-        for path in stage.inputs:  # each input is written by an earlier stage
+        for path in (*stage.inputs, *stage.optional_inputs):  # written by an earlier stage
             assert STAGE_NAMES.index(producer(path).name) < i, (stage.name, path)
     assert [s.name for s in upstream("evaluate")] == list(STAGE_NAMES[:5])
     # The CLI's sub-commands are the graph's stages (plus run), not a list of their own.

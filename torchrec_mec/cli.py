@@ -31,8 +31,10 @@ from torchrec_mec.pipeline import (
     read_report,
     run,
     run_stages,
+    stage_dir,
     summary,
 )
+from torchrec_mec.pipeline.compare import PLOT_FILE, describe, read_comparisons
 from torchrec_mec.pipeline.graph import stage
 from torchrec_mec.pipeline.settings import DEFAULT_PRESET
 from torchrec_mec.quantize.budget import BudgetError
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="redo " + ("every stage" if name == "run" else "the stage") +
                             " from scratch even if up to date (drops checkpoints)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "run":
+            p.add_argument("--compare", action="store_true",
+                           help="also run `mec compare` (MEC against the alternatives at equal "
+                                "memory, compare.ratios; costly) and report its comparisons")
     return parser
 
 
@@ -154,7 +160,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         assert settings is not None and source is not None
         report = run(source.path, source.format, out, settings, force=args.force,
-                     progress=progress)
+                     progress=progress, compare=args.compare)
         if report:
             print(summary(report))
         return 0
@@ -163,6 +169,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                force=(args.command,) if args.force else (), progress=progress)
     if args.command == "report" and int(os.environ.get("RANK", "0")) == 0:
         print(summary(read_report(out)))
+    if args.command == "compare":
+        rows = read_comparisons(stage_dir(out, "compare"))["comparisons"]
+        print("\n".join(["at equal embedding memory:", *(f"  {describe(r)}" for r in rows),
+                         f"  plot: {os.path.join(stage_dir(out, 'compare'), PLOT_FILE)}"]))
     return 0
 
 

@@ -12,8 +12,11 @@ Stages and what they write under a run directory ``DIR`` (see ``graph.py``): ``p
 ``DIR/data``, ``pretrain`` -> ``DIR/pretrain``, ``compress`` -> ``DIR/compress``, ``finetune``
 -> ``DIR/finetune``, ``evaluate`` -> ``DIR/evaluate``, ``report`` -> ``DIR/report.json`` and
 ``DIR/plots/``; each one's lineage in ``DIR/lineage/<stage>.json``. ``update`` (``mec update``,
-not part of ``run``) -> ``DIR/update``: new ids promoted to codes (docs/new_ids.md).
+not part of ``run``) -> ``DIR/update``: new ids promoted to codes (docs/new_ids.md); ``compare``
+(``mec compare`` or ``run(..., compare=True)``) -> ``DIR/compare``: MEC against the alternatives
+at equal embedding memory.
 """
+from torchrec_mec.pipeline.compare import compare, read_comparisons
 from torchrec_mec.pipeline.compress import compress, load_compressed
 from torchrec_mec.pipeline.evaluate import Metrics, evaluate, evaluate_model, read_metrics
 from torchrec_mec.pipeline.finetune import compressed_model, finetune
@@ -66,6 +69,7 @@ __all__ = [
     "TrainingDivergedError",
     "UpdateSettings",
     "build_report",
+    "compare",
     "compress",
     "compressed_model",
     "evaluate",
@@ -76,6 +80,7 @@ __all__ = [
     "load_settings",
     "prepare",
     "pretrain",
+    "read_comparisons",
     "read_metrics",
     "read_report",
     "run",

@@ -9,13 +9,16 @@ and stands for every file under it (a data set, a torch.distributed.checkpoint d
 input must be an output, or lie inside an output folder, of an earlier stage: that is what
 orders the stages and what the lineage records (``lineage.py``).
 """
+import logging
 import os
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from torchrec_mec.pipeline.compare import COMPARISONS_FILE, compare
 from torchrec_mec.pipeline.compress import COMPRESSED_FILE, compress
 from torchrec_mec.pipeline.evaluate import evaluate
 from torchrec_mec.pipeline.finetune import finetune
+from torchrec_mec.pipeline.lineage import record_path, stale
 from torchrec_mec.pipeline.outputs import (
     COUNTS_FILE,
     METRICS_FILE,
@@ -30,11 +33,14 @@ from torchrec_mec.pipeline.report import PLOTS_DIR, REPORT_FILE, write_report
 from torchrec_mec.pipeline.settings import (
     DataFacts,
     Settings,
+    SettingsError,
     check_compress,
     check_training,
     check_update,
 )
 from torchrec_mec.pipeline.update import PROMOTED_FILE, update
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,10 @@ class Stage:
         needs_rows (Tuple[str, ...]): the splits it cannot do without (``train``, ``test``).
         check (Optional[Callable[[Settings, DataFacts, int], None]]): checks its settings
             against the prepared data set and the number of processes.
+        optional_inputs (Tuple[str, ...]): outputs of stages it does not depend on, read when
+            present: their digests (or ``lineage.ABSENT``) are recorded, so one that appears or
+            changes makes it rerun, but they are never brought up to date for it; the body
+            checks that they are current (``lineage.stale``).
 
     Both checks run for every stage that may run as soon as the data set is ready, before any
     later stage starts (the splits of all stages first).
@@ -102,6 +112,7 @@ class Stage:
     body: Callable[[StageCall], Any]
     needs_rows: Tuple[str, ...] = ()
     check: Optional[Callable[[Settings, DataFacts, int], None]] = None
+    optional_inputs: Tuple[str, ...] = ()
 
     def settings_of(self, call: StageCall) -> Any:
         """What :attr:`reads` returns, as plain JSON (lists, not tuples)."""
@@ -161,9 +172,32 @@ def _update(c: StageCall) -> None:
            force=c.force, progress=c.progress)
 
 
+def _compare_reads(c: StageCall) -> Dict[str, Any]:
+    s = c.need_settings()
+    return {"compare": s.compare, "model": s.model, "pretrain": s.pretrain,
+            "compress": s.compress, "finetune": s.finetune, "new_ids": s.new_ids,
+            "eval_batch_size": s.evaluate.batch_size}
+
+
+def _compare(c: StageCall) -> None:
+    compare(c.folder("data"), c.folder("pretrain"), c.folder("compare"), c.need_settings(),
+            force=c.force, progress=c.progress)
+
+
+def _check_compare(settings: Settings, data: DataFacts, world_size: int) -> None:
+    if world_size > 1:
+        raise SettingsError("mec compare runs in one process (not under torchrun)")
+    check_training("compare", settings.pretrain, data, world_size)
+
+
 def _report(c: StageCall) -> None:
     def on_main() -> None:
-        write_report(c.run_dir)
+        cmp = stage("compare")
+        problem = stale(c.run_dir, cmp.name, cmp.inputs, cmp.outputs)
+        if problem is not None and os.path.exists(record_path(c.run_dir, cmp.name)):
+            logger.warning("report: leaving out the comparisons of compare, which is out of "
+                           "date (%s); `mec compare --out %s` redoes them", problem, c.run_dir)
+        write_report(c.run_dir, comparisons=problem is None)
 
     run_on_main(on_main, init_distributed())
 
@@ -195,11 +229,17 @@ STAGES: Tuple[Stage, ...] = (
                   *_files("finetune", MODEL_FILE, TABLES_FILE)),
           outputs=_files("evaluate", METRICS_FILE), reads=lambda c: c.need_settings().evaluate,
           body=_evaluate, needs_rows=("test",)),
+    Stage("compare", "MEC against k-means PQ, a smaller dimension, hashing, int8 and int4 at "
+                     "equal embedding memory (compare.ratios; costly: not part of mec run)",
+          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_FILE, COUNTS_FILE)),
+          outputs=("compare/",), reads=_compare_reads, body=_compare,
+          needs_rows=("train", "test"), check=_check_compare),
     Stage("report", "write DIR/report.json and DIR/plots from the stages' outputs",
           inputs=("data/manifest.json", *_files("pretrain", MODEL_FILE, COUNTS_FILE),
                   *_files("compress", COMPRESSED_FILE), *_files("finetune", MODEL_FILE),
                   *_files("evaluate", METRICS_FILE)),
-          outputs=(REPORT_FILE, PLOTS_DIR + "/"), reads=None, body=_report),
+          outputs=(REPORT_FILE, PLOTS_DIR + "/"), reads=None, body=_report,
+          optional_inputs=(f"compare/{COMPARISONS_FILE}",)),
     Stage("update", "new ids: train the fine-tuned model on the traffic since compression "
                     "(update.split), then give the busiest new ids codes (no stage 2 rerun)",
           inputs=("data/", *_files("finetune", MODEL_FILE, TABLES_FILE)),
@@ -269,7 +309,7 @@ def _check_graph() -> None:
     for s in STAGES:
         if s.name in seen:
             raise AssertionError(f"two stages called {s.name!r}")
-        for path in s.inputs:
+        for path in (*s.inputs, *s.optional_inputs):
             if producer(path).name not in seen:
                 raise AssertionError(f"{s.name} reads {path!r}, written by a later stage")
         seen.append(s.name)
@@ -293,4 +333,4 @@ _check_graph()
 
 RUN_STAGE_NAMES: Tuple[str, ...] = tuple(s.name for s in upstream("report"))
 """The stages ``mec run`` brings up to date: everything the report reads (not ``update``, which
-runs on its own, after fine-tuning)."""
+runs on its own, after fine-tuning, nor ``compare``, which ``mec run --compare`` adds)."""

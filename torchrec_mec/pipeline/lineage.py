@@ -26,6 +26,8 @@ from torchrec_mec.data._files import sha256_file
 RECORD_DIR = "lineage"
 RECORD_KIND = "torchrec_mec-stage-record"
 RECORD_VERSION = 1
+ABSENT = "absent"
+"""The digest recorded for an optional input that did not exist when the stage ran."""
 
 
 class Digests:
@@ -214,3 +216,35 @@ def damaged_outputs(record: StageRecord, digests: Digests,
         return None
     more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
     return "; ".join(problems[:3]) + more
+
+
+def changed_inputs(record: StageRecord, inputs: Mapping[str, str]) -> Optional[str]:
+    """Which inputs' digests now (``inputs``) differ from those the stage read, or ``None``.
+
+    Example::
+
+        >>> r = StageRecord("compress", "t", 1, {}, {"pretrain/tables.mec": "ab"}, {})
+        >>> changed_inputs(r, {"pretrain/tables.mec": "ab"}) is None
+        True
+        >>> changed_inputs(r, {"pretrain/tables.mec": "cd"})
+        'pretrain/tables.mec changed since it ran (the stage that writes it ran again)'
+    """
+    changed = [p for p, digest in inputs.items() if record.inputs.get(p) != digest]
+    if not changed:
+        return None
+    return (f"{', '.join(changed)} changed since it ran (the stage that writes "
+            f"{'them' if len(changed) > 1 else 'it'} ran again)")
+
+
+def stale(run_dir: str, stage: str, inputs: Iterable[str],
+          outputs: Iterable[str]) -> Optional[str]:
+    """Why the outputs of ``stage`` in ``run_dir`` cannot be used with the current files: not
+    finished, damaged outputs or changed inputs (``inputs`` must exist); ``None`` if current.
+    For a stage's body that reads another stage's outputs when present (an optional input).
+    """
+    record, problem = read_record(run_dir, stage)
+    if record is None:
+        return problem
+    digests = Digests(run_dir)
+    return damaged_outputs(record, digests, outputs) or changed_inputs(
+        record, {p: digests.digest(p) or ABSENT for p in inputs})

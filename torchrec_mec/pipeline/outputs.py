@@ -9,6 +9,8 @@ A run directory holds one folder per stage::
     DIR/compress/        one artifact per compressed table, written by the quantizer driver
     DIR/finetune/        model.mec, tables.mec of the compressed model, checkpoint.mec
     DIR/evaluate/        metrics.mec
+    DIR/compare/         comparisons.mec, auc_vs_memory.png, cells/ (``mec compare``: the
+                         alternatives at equal memory, one artifact per method and ratio)
     DIR/update/          model.mec, tables.mec, promoted.mec (``mec update``: new ids promoted)
     DIR/report.json, DIR/plots/*.png
 
@@ -31,7 +33,7 @@ from iopath.common.file_io import g_pathmgr
 from torchrec_mec.artifacts import ArtifactError, load_artifact, read_artifact_header, save_artifact
 from torchrec_mec.models import CTRModel, ModelConfig, build_model
 
-STAGE_FOLDERS = ("data", "pretrain", "compress", "finetune", "evaluate", "update")
+STAGE_FOLDERS = ("data", "pretrain", "compress", "finetune", "evaluate", "compare", "update")
 MODEL_FILE, TABLES_FILE, COUNTS_FILE, CHECKPOINT_FILE = (
     "model.mec", "tables.mec", "counts.mec", "checkpoint.mec")
 METRICS_FILE = "metrics.mec"

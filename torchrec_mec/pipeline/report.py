@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from torchrec_mec.artifacts import load_artifact
 from torchrec_mec.data.encoded import read_manifest
+from torchrec_mec.pipeline.compare import describe, read_comparisons
 from torchrec_mec.pipeline.compress import load_compressed
 from torchrec_mec.pipeline.evaluate import read_metrics
 from torchrec_mec.pipeline.outputs import (
@@ -53,7 +54,7 @@ def versions() -> Dict[str, str]:
             "torchrec_mec": torchrec_mec.__version__}
 
 
-def build_report(run_dir: str) -> Dict[str, Any]:
+def build_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
     """The report of the run in ``run_dir`` as a JSON-able dict (no files written).
 
     Keys: ``baseline`` and ``mec`` (``auc``, ``None`` where undefined; ``logloss``,
@@ -64,7 +65,9 @@ def build_report(run_dir: str) -> Dict[str, Any]:
     when full), ``bytes_before``, ``bytes_after``, ``codes_bytes``, ``codebooks_bytes``,
     ``quantizer`` statistics or ``None``, ``plan``: the budget allocator's choice and error
     estimate, or ``None`` without a target ratio), ``training`` (both histories), ``data``,
-    ``settings`` (as each stage recorded them), ``versions``, ``created``.
+    ``settings`` (as each stage recorded them), ``versions``, ``created``. With
+    ``comparisons`` (``mec compare`` ran and is current), also ``comparisons``: its rows (see
+    ``torchrec_mec.pipeline.compare.compare``), and ``comparisons_plot``: the AUC-memory plot.
 
     Raises:
         ArtifactError: a stage output missing or corrupted (names the file).
@@ -90,7 +93,7 @@ def build_report(run_dir: str) -> Dict[str, Any]:
                         "codes_bytes": t["codes_bytes"], "codebooks_bytes": t["codebooks_bytes"],
                         "quantizer": compressed[name].stats if name in compressed else None,
                         "plan": plan.get(name)}
-    return {
+    report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": os.path.abspath(run_dir),
         "baseline": metrics["baseline"],
@@ -110,6 +113,11 @@ def build_report(run_dir: str) -> Dict[str, Any]:
                      **fine["settings"], "evaluate": metrics["settings"]},
         "versions": versions(),
     }
+    if comparisons:
+        compared = read_comparisons(stage_dir(run_dir, "compare"))
+        report["comparisons"] = compared["comparisons"]
+        report["comparisons_plot"] = os.path.join(stage_dir(run_dir, "compare"), compared["plot"])
+    return report
 
 
 def metric_warnings(test: Mapping[str, Any]) -> List[str]:
@@ -142,11 +150,11 @@ def read_report(run_dir: str) -> Dict[str, Any]:
         return json.load(f)
 
 
-def write_report(run_dir: str) -> Dict[str, Any]:
+def write_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
     """Writes ``run_dir/report.json`` and the PNG plots under ``run_dir/plots`` (replacing the
     folder, so no plot of an earlier report stays); returns the report (with ``plots``: the PNG
-    paths)."""
-    report = build_report(run_dir)
+    paths). ``comparisons``: include those of ``mec compare`` (see :func:`build_report`)."""
+    report = build_report(run_dir, comparisons)
     plots = os.path.join(run_dir, PLOTS_DIR)
     shutil.rmtree(plots, ignore_errors=True)
     g_pathmgr.mkdirs(plots)
@@ -203,6 +211,9 @@ def summary(report: Mapping[str, Any]) -> str:
         lines.append(f"  fine-tuning       kept epoch {fine['best_epoch']} of "
                      f"{len(fine['epochs']) - 1} (lowest validation log loss; 0 = none)")
     lines += [f"  warning: {w}" for w in report.get("warnings", [])]
+    if report.get("comparisons"):
+        lines.append("  at equal embedding memory (mec compare):")
+        lines += [f"    {describe(r)}" for r in report["comparisons"]]
     lines.append(f"  report: {os.path.join(report['run_dir'], REPORT_FILE)}")
     return "\n".join(lines)
 

@@ -40,7 +40,9 @@ from torchrec_mec.pipeline.graph import (
     upstream,
 )
 from torchrec_mec.pipeline.lineage import (
+    ABSENT,
     Digests,
+    changed_inputs,
     StageRecord,
     damaged_outputs,
     now,
@@ -204,13 +206,15 @@ class _Runner:
             if digest is None:  # its producer was just verified or run: a bug, not a user error
                 raise RuntimeError(f"{s.name}: input {path} is missing after its stage ran")
             inputs[path] = digest
+        for path in s.optional_inputs:
+            inputs[path] = self.digests.digest(path) or ABSENT
         record, problem = read_record(self.run_dir, s.name)
         what = "has not finished"
         if record is not None:
             problem = damaged_outputs(record, self.digests, s.outputs)
             what = "has damaged outputs"
             if problem is None:
-                problem, what = _changed_inputs(record, inputs), "is out of date"
+                problem, what = changed_inputs(record, inputs), "is out of date"
             unknown_source = s.name == DATA_STAGE and self.source is None  # "as prepared"
             if problem is None and may_run and s.reads is not None and not unknown_source:
                 problem = _changed_settings(record.settings, s.settings_of(self.call(False)))
@@ -275,14 +279,6 @@ class _Runner:
     def _log(self, message: str, *args: Any) -> None:
         if self.ctx.is_main:
             logger.info(message, *args)
-
-
-def _changed_inputs(record: StageRecord, inputs: Dict[str, str]) -> Optional[str]:
-    changed = [p for p, digest in inputs.items() if record.inputs.get(p) != digest]
-    if not changed:
-        return None
-    return (f"{', '.join(changed)} changed since it ran (the stage that writes "
-            f"{'them' if len(changed) > 1 else 'it'} ran again)")
 
 
 def _changed_settings(recorded: Any, current: Any) -> Optional[str]:

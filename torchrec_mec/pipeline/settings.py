@@ -333,6 +333,46 @@ class UpdateSettings:
                              seed=self.seed, keep_best=False)
 
 
+COMPARE_METHODS: Tuple[str, ...] = ("mec", "kmeans_pq", "small_dim", "hashing", "int8", "int4")
+"""What ``mec compare`` can set against the full model (docs/pipeline.md)."""
+
+
+@dataclass(frozen=True)
+class CompareSettings:
+    """``mec compare``: MEC and the alternatives at the same whole-model embedding memory.
+
+    Args:
+        ratios (Tuple[float, ...]): memory ratios (float32 baseline / budget) to compare at;
+            ``int8`` and ``int4`` have one ratio of their own and ignore them.
+        methods (Tuple[str, ...]): which of ``COMPARE_METHODS`` to run.
+        hashing_keep_rows (int): the hashing trick keeps tables of at most this many rows
+            whole and gives larger ones at least this many
+            (``torchrec_mec.pipeline.alternatives.hashed_rows``).
+
+    Example::
+
+        >>> CompareSettings(ratios=(10, 100), methods=("mec", "hashing")).ratios
+        (10.0, 100.0)
+    """
+
+    ratios: Tuple[float, ...] = (10.0, 30.0, 100.0, 300.0)
+    methods: Tuple[str, ...] = COMPARE_METHODS
+    hashing_keep_rows: int = 1000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratios", tuple(float(r) for r in self.ratios))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        unknown = sorted(set(self.methods) - set(COMPARE_METHODS))
+        if unknown or not self.methods:
+            raise ValueError(f"compare.methods must be some of {list(COMPARE_METHODS)}, got "
+                             f"{list(self.methods)}")
+        if not all(r >= 1 for r in self.ratios):
+            raise ValueError(f"compare.ratios must be >= 1, got {list(self.ratios)}")
+        if self.hashing_keep_rows < 1:
+            raise ValueError(f"compare.hashing_keep_rows must be >= 1, got "
+                             f"{self.hashing_keep_rows}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the pipeline's stages read, one section per stage.
@@ -352,6 +392,7 @@ class Settings:
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     new_ids: NewIdSettings = field(default_factory=NewIdSettings)
     update: UpdateSettings = field(default_factory=UpdateSettings)
+    compare: CompareSettings = field(default_factory=CompareSettings)
 
     def __post_init__(self) -> None:
         m, d = self.compress.quantizer.num_subspaces, self.model.embedding_dim
