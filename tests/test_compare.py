@@ -182,3 +182,27 @@ def test_compare_stage_every_method_resumes_after_a_crash(tmp_path, monkeypatch)
     ran.clear()
     run(None, "synthetic", run_dir, settings, progress=False, compare=True)
     assert ran == []
+
+
+@pytest.mark.parametrize("bits,dtype", [(8, torch.quint8), (4, torch.quint4x2)])
+def test_rowwise_tables_pool_what_torchrec_quant_pools(bits: int, dtype: torch.dtype) -> None:
+    """The int8 / int4 rows score the model with the dequantized tables: the same sums as
+    TorchRec's own quantized EmbeddingBagCollection (torchrec.quant) built from the table."""
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    torch.manual_seed(0)
+    ebc = EmbeddingBagCollection([EmbeddingBagConfig(name="t", embedding_dim=16,
+                                                     num_embeddings=50, feature_names=["f"])])
+    ebc.qconfig = torch.ao.quantization.QConfig(
+        activation=torch.ao.quantization.PlaceholderObserver.with_args(dtype=torch.float),
+        weight=torch.ao.quantization.PlaceholderObserver.with_args(dtype=dtype))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.tensor([1, 7, 9, 49, 3]),
+                                              lengths=torch.tensor([2, 0, 3]))
+    expected = QuantEBC.from_float(ebc)(kjt).values()
+    weight = ebc.embedding_bags["t"].weight
+    with torch.no_grad():
+        weight.copy_(rowwise_dequantize(rowwise_quantize(weight, bits), bits))
+    torch.testing.assert_close(ebc(kjt).values(), expected, rtol=0, atol=1e-6)
