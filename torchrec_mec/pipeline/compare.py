@@ -270,8 +270,9 @@ def _rowwise(job: _Job, cell: Cell) -> Dict[str, Any]:
     with torch.no_grad():
         for bag in model.embedding_bag_collection.embedding_bags.values():
             bag.weight.copy_(rowwise_dequantize(rowwise_quantize(bag.weight, bits), bits))
-            num_bytes += rowwise_bytes(*bag.weight.shape, bits)
-            aligned += rowwise_bytes(*bag.weight.shape, bits, alignment=ROW_ALIGNMENT)
+            rows, dim = bag.weight.shape
+            num_bytes += rowwise_bytes(rows, dim, bits)
+            aligned += rowwise_bytes(rows, dim, bits, alignment=ROW_ALIGNMENT)
     return job.row(cell, model, job.dataset, num_bytes, bits=bits, aligned_bytes=aligned)
 
 
