@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.pipeline_testing import tiny_settings
+from tests.pipeline_testing import tiny_flags, tiny_settings
+from torchrec_mec.cli import main
 from torchrec_mec.pipeline import RUN_STAGE_NAMES, DataSource, read_comparisons, run, run_stages
 from torchrec_mec.pipeline.alternatives import (
     FLOAT_BYTES,
@@ -131,7 +132,7 @@ def test_cells_and_settings() -> None:
         tiny_settings(compare__methods=["pruning"])
 
 
-def test_compare_stage_every_method_resumes_after_a_crash(tmp_path, monkeypatch) -> None:
+def test_compare_stage_every_method_resumes_after_a_crash(tmp_path, monkeypatch, capsys) -> None:
     # Ratio 3 every method reaches; 2,000 none of the trained ones can (D = 8, 1,239 rows).
     # One codebook size keeps the budget allocator's error estimates (k-means) cheap.
     settings = tiny_settings(compare__ratios=[3, 2000], compare__hashing_keep_rows=50,
@@ -178,10 +179,18 @@ def test_compare_stage_every_method_resumes_after_a_crash(tmp_path, monkeypatch)
     assert by_name[("int8", None)]["ratio"] == pytest.approx(32 / 12)
     assert by_name[("int4", None)]["ratio"] == pytest.approx(32 / 8)
     assert os.path.isfile(report["comparisons_plot"])
-    # Up to date now: a second run --compare redoes nothing.
+    # Up to date now: a second run --compare, or mec compare, redoes nothing; mec compare
+    # prints the rows.
     ran.clear()
     run(None, "synthetic", run_dir, settings, progress=False, compare=True)
+    extra = {"compare.ratios": "[3, 2000]", "compare.hashing_keep_rows": "50",
+             "pretrain.epochs": "1", "compress.codebook_sizes": "[16]"}
+    capsys.readouterr()
+    assert main(["compare", "--out", run_dir, "--preset", "sample", "--no-progress",
+                 *tiny_flags(), *[f"{k}={v}" for k, v in extra.items()]]) == 0
     assert ran == []
+    printed = capsys.readouterr().out
+    assert "int4" in printed and "mec        at 2000x: unreachable (target ratio 2000" in printed
 
 
 @pytest.mark.parametrize("bits,dtype", [(8, torch.quint8), (4, torch.quint4x2)])
