@@ -7,8 +7,8 @@ uncompressed and the compressed model, each pair measured in the same run.
     python benchmarks/end_to_end.py --format criteo --data ../shared/data/criteo_sample_8k.tsv \\
         --preset sample --seeds 0 1 2 3 4
     # MEC against the alternatives at equal memory (mec run --compare), 3 seeds
-    python benchmarks/end_to_end.py --format synthetic --config benchmarks/compare_dev.yaml \\
-        --seeds 0 1 2 --compare
+    python benchmarks/end_to_end.py --format synthetic --preset sample \\
+        --config benchmarks/compare_dev.yaml --seeds 0 1 2 --compare
 
 Seeds vary model initialisation, shuffling and the quantizer (``--seed`` of ``mec``); the data
 split stays fixed. Prints one line per seed and the mean and standard deviation, and writes
