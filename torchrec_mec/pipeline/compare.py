@@ -197,9 +197,9 @@ class _Job:
                 "baseline_bytes": self.baseline_bytes, "auc": m.auc, "logloss": m.logloss,
                 "num_samples": m.num_samples, "unreachable": None, **detail}
 
-    def train(self, cell: Cell, model: CTRModel, dataset: CTRDataset) -> int:
+    def train(self, cell: Cell, model: CTRModel, dataset: CTRDataset) -> Optional[float]:
         """Trains ``model`` like stage 1 (``settings.pretrain``) on ``dataset``; returns the
-        epoch kept. Resumes from the cell's checkpoint."""
+        epoch kept (None: the last). Resumes from the cell's checkpoint."""
         key = fingerprint({"cell": asdict(cell), **_scope(cell, self.settings)},
                           *_inputs(cell, self.data_dir, self.pretrain_dir))
         result = train_model(model, dataset, self.settings.pretrain, ctx=self.ctx,
@@ -208,7 +208,7 @@ class _Job:
                              desc=f"compare {cell.name}", progress=False, start_competes=False)
         assert result.state is not None  # one process (checked before the stage runs)
         model.load_state_dict(result.state)
-        return result.history.best_epoch if result.history.best_epoch is not None else -1
+        return result.history.best_epoch
 
 
 def _baseline(job: _Job, cell: Cell) -> Dict[str, Any]:
