@@ -5,8 +5,8 @@ When a stage finishes, the runner writes ``DIR/lineage/<stage>.json``::
     {"kind": "torchrec_mec-stage-record", "version": 1, "stage": "compress",
      "finished": "2026-11-30T10:00:00+00:00", "world_size": 1,
      "settings": {...the settings the stage read...}, "settings_sha256": "...",
-     "inputs":  {"pretrain/tables.mec": "<sha256>", "pretrain/counts.mec": "<sha256>"},
-     "outputs": {"compress/compressed.mec": {"compress/compressed.mec": "<sha256>"}}}
+     "inputs":  {"pretrain/tables/": "<sha256>", "pretrain/counts.mec": "<sha256>"},
+     "outputs": {"compress/compressed.mec": {...}, "compress/codes/": {...}}}
 
 Paths are relative to the run directory; a path ending in ``/`` is a folder and stands for every
 file under it (a data set, or a checkpoint directory). ``inputs`` holds the digest of each input
