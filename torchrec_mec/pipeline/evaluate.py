@@ -17,7 +17,8 @@ from torchmetrics.classification import BinaryAUROC
 from tqdm import tqdm
 
 from torchrec_mec.artifacts import load_artifact, save_artifact
-from torchrec_mec.data import CTRDataset, EncodedDataset
+from torchrec_mec.data import CTRDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import CTRModel
 from torchrec_mec.pipeline.outputs import METRICS_FILE, METRICS_KIND, load_tables, model_skeleton
 from torchrec_mec.pipeline.parallel import (
@@ -179,7 +180,7 @@ def evaluate(
     """
     ctx = init_distributed()
     out_uri = os.path.join(out_dir, METRICS_FILE)
-    dataset = EncodedDataset(data_dir)
+    dataset = open_dataset(data_dir)
     results: Dict[str, Any] = {}
     memory: Dict[str, Any] = {}
     for name, folder in (("baseline", baseline_dir), ("mec", mec_dir)):

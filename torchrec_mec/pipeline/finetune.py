@@ -7,7 +7,7 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from torchrec_mec.data import EncodedDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import CTRModel, build_model
 from torchrec_mec.pipeline.compress import (
     CODES_DIR,
@@ -198,7 +198,7 @@ def finetune(
                        os.path.join(compress_dir, CODES_DIR, MANIFEST))
     if force:
         drop_checkpoint(checkpoint, ctx)
-    dataset = EncodedDataset(data_dir)
+    dataset = open_dataset(data_dir)
     restore: Optional[Restore] = None
     if settings.new_ids.fallback_fraction:
         model = compressed_model(pretrain_dir, compress_dir, settings.new_ids)

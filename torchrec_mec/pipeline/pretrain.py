@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from torchrec_mec.artifacts import save_artifact
-from torchrec_mec.data import EncodedDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import build_model, table_name
 from torchrec_mec.pipeline.outputs import (
     CHECKPOINT_DIR,
@@ -92,7 +92,7 @@ def pretrain(
     out = PretrainOutput(*(os.path.join(out_dir, f)
                            for f in (MODEL_FILE, TABLES_DIR, COUNTS_FILE)))
     checkpoint = os.path.join(out_dir, CHECKPOINT_DIR)
-    dataset = EncodedDataset(data_dir)
+    dataset = open_dataset(data_dir)
     scope = {"model": settings.model, "pretrain": settings.pretrain,
              "eval_batch_size": settings.evaluate.batch_size}
     want = fingerprint(scope, os.path.join(data_dir, "manifest.json"))

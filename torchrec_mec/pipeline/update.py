@@ -14,7 +14,7 @@ from typing import Any, Dict, NamedTuple
 import torch
 
 from torchrec_mec.artifacts import save_artifact
-from torchrec_mec.data import EncodedDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import table_name
 from torchrec_mec.modules import ProductQuantizedTable
 from torchrec_mec.pipeline.outputs import (
@@ -94,7 +94,7 @@ def update(
                        os.path.join(finetune_dir, TABLES_MANIFEST))
     if force:
         drop_checkpoint(checkpoint, ctx)
-    dataset = EncodedDataset(data_dir)
+    dataset = open_dataset(data_dir)
     model, _ = load_model(finetune_dir)
     arch = architecture(model)  # before DMP shards the model in place
     if "new_ids" not in arch:
