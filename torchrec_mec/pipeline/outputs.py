@@ -253,15 +253,12 @@ def export_model(model_dir: str, uri: str) -> str:
     Example::
 
         >>> import tempfile
-        >>> cfg = ModelConfig(embedding_dim=4, dense_hidden_sizes=(8,), over_hidden_sizes=(8,))
-        >>> m = build_model(cfg, 2, ["C1"], {"C1": 10})
         >>> out = tempfile.mkdtemp()
-        >>> _ = save_model(out, m.state_dict(), architecture(m), {"stage": "pretrain"})
-        >>> m2, _ = load_exported_model(export_model(out, os.path.join(out, "one.mec")))
-        >>> torch.equal(m2.state_dict()["arch.sparse_arch.embedding_bag_collection."
-        ...                             "embedding_bags.t_C1.weight"],
-        ...             m.state_dict()["arch.sparse_arch.embedding_bag_collection."
-        ...                        "embedding_bags.t_C1.weight"])
+        >>> m = build_model(ModelConfig(embedding_dim=4), 2, ["C1"], {"C1": 10})
+        >>> _ = save_model(out, m.state_dict(), architecture(m), {})
+        >>> one, _ = load_exported_model(export_model(out, os.path.join(out, "one.mec")))
+        >>> key = EMBEDDING_PREFIX + "embedding_bags.t_C1.weight"
+        >>> torch.equal(one.state_dict()[key], m.state_dict()[key])
         True
     """
     model, meta = load_model(model_dir)
