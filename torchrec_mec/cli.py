@@ -6,8 +6,8 @@
     mec prepare|pretrain|compress|finetune|evaluate|report --out DIR  # one stage
     mec export --out DIR [--stage finetune] [--to FILE]              # one file of a model
 
-The sub-commands are the stages of ``pipeline.graph.STAGES``, plus ``run`` and ``export``. Under ``torchrun`` every stage
-runs on all ranks (see docs/distributed.md).
+The sub-commands are the stages of ``pipeline.graph.STAGES``, plus ``run`` and ``export``. Under
+``torchrun`` every stage runs on all ranks (see docs/distributed.md).
 """
 import argparse
 import logging

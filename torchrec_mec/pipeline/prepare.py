@@ -194,7 +194,7 @@ def _link_binary_criteo(source: DataSource, out_dir: str) -> None:
                          "last is split into validation and test)")
     manifest = {"kind": BINARY_CRITEO_KIND, "root": os.path.abspath(source.path),
                 "train_days": days[:-1], "eval_day": days[-1], "files": files}
-    BinaryCriteoDataset(manifest["root"], train_days=days[:-1], eval_day=days[-1])
+    BinaryCriteoDataset(os.path.abspath(source.path), train_days=days[:-1], eval_day=days[-1])
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f"manifest.json.tmp-{os.getpid()}")
     with open(tmp, "w") as f:

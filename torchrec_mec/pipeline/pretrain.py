@@ -173,5 +173,5 @@ def init_tables(model: nn.Module, bounds: Dict[str, Tuple[float, float]], seed: 
                     row, col = shard.metadata.shard_offsets
                     _fill_rows(shard.tensor, table, num_rows, dim, b, seed, row, col)
             else:
-                _fill_rows(value, table, *value.shape, b, seed, 0, 0)
+                _fill_rows(value, table, value.shape[0], value.shape[1], b, seed, 0, 0)
     model.load_state_dict(state)  # parts of a state dict may be copies, not views

@@ -98,8 +98,9 @@ def quantize_tables(
     With ``torch.distributed`` initialised, rank r quantizes its share of the tables (largest
     first, balanced by rows, see :func:`assign_tables`), reading ``tables[name]`` only for those
     (a mapping that loads on access keeps one table in memory at a time), then all ranks meet
-    at a barrier and each loads every artifact (codes and codebooks). No collective touches the numerics, so the results equal a
-    single-process run with the same seeds (and the same torch thread count per process).
+    at a barrier and each loads every artifact (codes and codebooks). No collective touches the
+    numerics, so the results equal a single-process run with the same seeds (and the same torch
+    thread count per process).
 
     Args:
         tables (Mapping[str, Tuple[Tensor, Tensor]]): table name -> (weight [N, D], counts [N]).
