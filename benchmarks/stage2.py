@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from torchrec_mec.artifacts import load_artifact, save_artifact  # noqa: E402
+from torchrec_mec.artifacts import load_artifact  # noqa: E402
 from torchrec_mec.data import EncodedDataset  # noqa: E402
 from torchrec_mec.models import table_name  # noqa: E402
 from torchrec_mec.pipeline import (  # noqa: E402
@@ -54,7 +54,8 @@ from torchrec_mec.pipeline import (  # noqa: E402
     load_settings,
     stage_dir,
 )
-from torchrec_mec.pipeline.compress import COMPRESSED_FILE, COMPRESSED_KIND  # noqa: E402
+from torchrec_mec.pipeline.compress import CODES_DIR, CODES_KIND  # noqa: E402
+from torchrec_mec.pipeline.state_dirs import ONE_PROCESS, save_state  # noqa: E402
 from torchrec_mec.pipeline.parallel import DistContext  # noqa: E402
 from torchrec_mec.pipeline.settings import Settings  # noqa: E402
 
@@ -87,21 +88,20 @@ def rewrite_unseen(compress_dir: str, pretrain_dir: str) -> None:
     """Gives the rows never seen in training the codes nearest the mean of those rows.
     (``keep``, the unseen rows exactly as they were, has no codes: it is measured on the
     decoded model, :func:`decoded_model`.)"""
-    tensors, meta = load_artifact(os.path.join(compress_dir, COMPRESSED_FILE),
-                                  expect_kind=COMPRESSED_KIND)
-    tables, _ = load_artifact(os.path.join(pretrain_dir, "tables.mec"))
+    tables = load_model(pretrain_dir)[0].embedding_bag_collection.state_dict()
     counts, _ = load_artifact(os.path.join(pretrain_dir, "counts.mec"))
-    for t in meta["tables"]:
+    codes = {}
+    for t, c in load_compressed(compress_dir).items():
         weight = tables[f"embedding_bags.{t}.weight"]
         unseen = counts[t] == 0
-        if not bool(unseen.any()):
-            continue
-        codebooks = tensors[f"{t}.codebooks"]
-        m, _, d = codebooks.shape
-        target = weight[unseen].mean(0).view(m, 1, d)
-        codes = (codebooks - target).pow(2).sum(-1).argmin(-1)  # [M]
-        tensors[f"{t}.codes"][unseen] = codes.to(tensors[f"{t}.codes"].dtype)
-    save_artifact(os.path.join(compress_dir, COMPRESSED_FILE), tensors, meta, COMPRESSED_KIND)
+        if bool(unseen.any()):
+            m, _, d = c.codebooks.shape
+            target = weight[unseen].mean(0).view(m, 1, d)
+            nearest = (c.codebooks - target).pow(2).sum(-1).argmin(-1)  # [M]
+            c.codes[unseen] = nearest.to(c.codes.dtype)
+        codes[f"embedding_bags.{t}.codes"] = c.codes
+        codes[f"embedding_bags.{t}.codebooks"] = c.codebooks
+    save_state(os.path.join(compress_dir, CODES_DIR), codes, ONE_PROCESS, CODES_KIND, {})
 
 
 def decoded_model(pretrain_dir: str, compress_dir: str, keep_unseen: bool) -> torch.nn.Module:
@@ -122,7 +122,7 @@ def decoded_model(pretrain_dir: str, compress_dir: str, keep_unseen: bool) -> to
 
 def traffic_error(pretrain_dir: str, compress_dir: str, dataset: EncodedDataset) -> float:
     """Squared reconstruction error per lookup on the validation traffic, summed over tables."""
-    tables, _ = load_artifact(os.path.join(pretrain_dir, "tables.mec"))
+    tables = load_model(pretrain_dir)[0].embedding_bag_collection.state_dict()
     val = {table_name(f): c.double() for f, c in dataset.id_counts("val").items()}
     total = 0.0
     for t, c in load_compressed(compress_dir).items():

@@ -39,7 +39,7 @@ def test_killed_pretrain_resumes_to_the_uninterrupted_state(tmp_path):
            "sample", "--no-progress", *tiny_flags(), "pretrain.epochs=2",
            "pretrain.checkpoint_every=4"]
     proc = subprocess.Popen(cmd, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    checkpoint = os.path.join(stage_dir(killed, "pretrain"), "checkpoint.mec")
+    checkpoint = os.path.join(stage_dir(killed, "pretrain"), "checkpoint", "manifest.json")
     _wait_for(checkpoint, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from tests.pipeline_testing import repo_env, tiny_flags, tiny_settings
 from torchrec_mec.cli import build_parser, main
@@ -25,7 +26,8 @@ from torchrec_mec.pipeline import (
     run_stages,
 )
 from torchrec_mec.pipeline.graph import producer, upstream
-from torchrec_mec.pipeline.lineage import Digests, read_record
+from torchrec_mec.pipeline.outputs import load_exported_model, load_model
+from torchrec_mec.pipeline.lineage import Digests, combined_digest, read_record
 
 SYNTHETIC = DataSource("synthetic")
 
@@ -49,6 +51,13 @@ def _sha256(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _folder(run_dir, rel):
+    """{file: sha256} of every file under run_dir/rel, computed here."""
+    files = sorted(os.path.relpath(os.path.join(root, f), run_dir)
+                   for root, _, names in os.walk(os.path.join(run_dir, rel)) for f in names)
+    return {f: _sha256(os.path.join(run_dir, f)) for f in files}
+
+
 def _mtimes(out):
     return {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in
             ("pretrain/model.mec", "compress/compressed.mec", "finetune/model.mec",
@@ -66,25 +75,43 @@ def test_graph_orders_stages_by_what_they_read():
     assert [s.name for s in upstream("evaluate")] == list(STAGE_NAMES[:5])
     # The CLI's sub-commands are the graph's stages (plus run), not a list of their own.
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert list(commands) == ["run", *STAGE_NAMES]
+    assert list(commands) == ["run", *STAGE_NAMES, "export"]
 
 
 def test_lineage_records_the_exact_inputs_and_settings(finished_run):
     """Checked against sha256 of the files computed here, and the settings object itself."""
     record, _ = read_record(finished_run, "compress")
-    assert record.inputs == {p: _sha256(os.path.join(finished_run, p))
-                             for p in ("pretrain/tables.mec", "pretrain/counts.mec")}
-    assert record.outputs == {"compress/compressed.mec": {"compress/compressed.mec": _sha256(
-        os.path.join(finished_run, "compress", "compressed.mec"))}}
+    tables = _folder(finished_run, "pretrain/tables")
+    assert set(tables) == {"pretrain/tables/.metadata", "pretrain/tables/__0_0.distcp",
+                           "pretrain/tables/manifest.json"}  # a DCP directory, one writer
+    assert record.inputs == {
+        "pretrain/tables/": combined_digest(tables),
+        "pretrain/counts.mec": _sha256(os.path.join(finished_run, "pretrain/counts.mec"))}
+    assert record.outputs == {
+        "compress/compressed.mec": {"compress/compressed.mec": _sha256(
+            os.path.join(finished_run, "compress", "compressed.mec"))},
+        "compress/codes/": _folder(finished_run, "compress/codes")}
     assert record.settings == json.loads(json.dumps(asdict(tiny_settings().compress)))
     data, _ = read_record(finished_run, "prepare")
-    files = sorted(os.path.relpath(os.path.join(root, f), finished_run)
-                   for root, _, names in os.walk(os.path.join(finished_run, "data"))
-                   for f in names)
-    assert data.outputs["data/"] == {f: _sha256(os.path.join(finished_run, f)) for f in files}
+    assert data.outputs["data/"] == _folder(finished_run, "data")
     report, _ = read_record(finished_run, "report")
     assert report.inputs["evaluate/metrics.mec"] == _sha256(
         os.path.join(finished_run, "evaluate", "metrics.mec"))
+
+
+def test_export_writes_one_file_of_the_model_saved_in_shards(finished_run, tmp_path, capsys):
+    out = _copy(finished_run, tmp_path)
+    target = str(tmp_path / "model.mec")
+    assert main(["export", "--out", out, "--to", target]) == 0
+    assert capsys.readouterr().out.strip() == target
+    exported, meta = load_exported_model(target)
+    saved, saved_meta = load_model(os.path.join(out, "finetune"))
+    assert meta == saved_meta
+    assert exported.state_dict().keys() == saved.state_dict().keys()
+    for key, value in saved.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
+    assert main(["export", "--out", out, "--stage", "update"]) == 1  # no update ran
+    assert "update/model.mec: file not found" in capsys.readouterr().err
 
 
 def test_rerun_of_a_finished_run_skips_every_stage(finished_run, tmp_path):
@@ -99,9 +126,9 @@ def test_rerun_of_a_finished_run_skips_every_stage(finished_run, tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_artifact_is_redone_by_run_and_named_by_report(finished_run, tmp_path, damage,
                                                                capsys):
-    """Truncating pretrain/tables.mec to half, or flipping one payload byte, is found."""
+    """Truncating a shard file of pretrain/tables/ to half, or flipping one byte, is found."""
     out = _copy(finished_run, tmp_path)
-    path = os.path.join(out, "pretrain", "tables.mec")
+    path = os.path.join(out, "pretrain", "tables", "__0_0.distcp")
     good = open(path, "rb").read()
     bad = good[: len(good) // 2] if damage == "truncate" else (
         good[:-100] + bytes([good[-100] ^ 0x01]) + good[-99:])
@@ -148,7 +175,7 @@ def test_pretrain_with_another_seed_then_report_refuses(finished_run, tmp_path, 
     capsys.readouterr()
     assert main(["report", "--out", out]) == 1
     err = capsys.readouterr().err
-    assert ("report needs compress, which is out of date: pretrain/tables.mec changed since it "
+    assert ("report needs compress, which is out of date: pretrain/tables/ changed since it "
             "ran") in err
     assert (f"Run `mec compress --out {out}`, then `mec finetune --out {out}`, then "
             f"`mec evaluate --out {out}`") in err

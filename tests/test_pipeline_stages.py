@@ -198,7 +198,7 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(tiny_run, tmp_path)
 def test_missing_or_corrupted_inputs_are_named(tiny_run, tmp_path):
     out, _ = tiny_run
     settings = tiny_settings()
-    with pytest.raises(ArtifactError, match=r"pretrain/tables\.mec: file not found"):
+    with pytest.raises(ArtifactError, match=r"pretrain/tables/: not found"):
         compress(str(tmp_path / "pretrain"), str(tmp_path / "compress"), settings, progress=False)
     broken = str(tmp_path / "broken")
     shutil.copytree(stage_dir(out, "pretrain"), broken)
@@ -213,13 +213,12 @@ def test_missing_or_corrupted_inputs_are_named(tiny_run, tmp_path):
                  str(tmp_path / "finetune"), settings, progress=False)
     with pytest.raises(FileNotFoundError, match=r"no_data/manifest\.json"):
         pretrain(str(tmp_path / "no_data"), str(tmp_path / "pretrain"), settings, progress=False)
-    checkpoint = tmp_path / "ckpt" / "checkpoint.mec"
-    checkpoint.parent.mkdir()
-    checkpoint.write_bytes(b"torchrec_mec-artifact v1 kind=mec_train_checkpoint header=5 "
-                           b"payload=5 sha256=00\nabc")
-    with pytest.raises(ArtifactError, match=r"ckpt/checkpoint\.mec: truncated, .* It is a "
-                                            r"training checkpoint: delete it to start the stage "
-                                            r"over, or rerun the stage with --force"):
+    checkpoint = tmp_path / "ckpt" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "manifest.json").write_text('{"format": "torchrec_mec-state", "version": 1')
+    with pytest.raises(ArtifactError, match=r"ckpt/checkpoint: manifest.json is corrupted .* It "
+                                            r"is a training checkpoint: delete it to start the "
+                                            r"stage over, or rerun the stage with --force"):
         pretrain(stage_dir(out, "data"), str(checkpoint.parent), settings, progress=False)
 
 

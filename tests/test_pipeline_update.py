@@ -79,7 +79,7 @@ def test_update_promotes_the_busiest_new_ids_from_their_trained_fallback_rows(up
     assert meta["stage"] == "update" and meta["history"]["step_loss"]
     record = json.loads(open(os.path.join(out, "lineage", "update.json")).read())
     assert record["settings"]["update"]["min_count"] == 3
-    assert set(record["outputs"]) == {"update/model.mec", "update/tables.mec", "update/promoted.mec"}
+    assert set(record["outputs"]) == {"update/model.mec", "update/tables/", "update/promoted.mec"}
 
 
 def test_update_command_skips_when_up_to_date_and_refuses_without_fallbacks(update_run, capsys):

@@ -82,7 +82,7 @@ def test_early_stopping_stops_after_patience_validations_without_improvement(
     assert len(h.step_loss) == stop_epoch * dataset.num_batches("train", 100)
     # The state kept is the one an uninterrupted run without validation ends with at that epoch.
     reference = _train(dataset, tmp_path, f"ref{patience}", epochs=best_epoch, keep_best=False)
-    _assert_same_state(result.state, reference.state)
+    _assert_same_state(result.model.state_dict(), reference.model.state_dict())
 
 
 def test_validation_within_epochs_stops_at_the_best_step(dataset, tmp_path,
@@ -99,7 +99,7 @@ def test_validation_within_epochs_stops_at_the_best_step(dataset, tmp_path,
     reference = _train(_FirstBatches(dataset, 4), tmp_path, "mid_ref", epochs=1,
                        keep_best=False)
     assert h.step_loss[:4] == reference.history.step_loss
-    _assert_same_state(result.state, reference.state)
+    _assert_same_state(result.model.state_dict(), reference.model.state_dict())
 
 
 class _FirstBatches:
@@ -134,7 +134,7 @@ def test_resumed_run_stops_like_the_uninterrupted_one(dataset, tmp_path, scripte
         batch_size=100, epochs=6, patience=2), ctx=CTX, checkpoint_uri=uri, fingerprint="f",
         eval_batch_size=500, progress=False, start_competes=False)
     assert resumed.history.to_dict() == whole.history.to_dict()
-    _assert_same_state(resumed.state, whole.state)
+    _assert_same_state(resumed.model.state_dict(), whole.model.state_dict())
 
 
 def test_embedding_penalty_is_the_squared_norm_of_the_looked_up_rows(dataset):

@@ -4,9 +4,10 @@
     mec run --data day_0.tsv --format criteo --out runs/criteo      # everything, then report
     mec run --format synthetic --out runs/syn --preset sample        # generated data
     mec prepare|pretrain|compress|finetune|evaluate|report --out DIR  # one stage
+    mec export --out DIR [--stage finetune] [--to FILE]              # one file of a model
 
-The sub-commands are the stages of ``pipeline.graph.STAGES``. Under ``torchrun`` every stage
-runs on all ranks (see docs/distributed.md).
+The sub-commands are the stages of ``pipeline.graph.STAGES``, plus ``run`` and ``export``. Under
+``torchrun`` every stage runs on all ranks (see docs/distributed.md).
 """
 import argparse
 import logging
@@ -36,15 +37,19 @@ from torchrec_mec.pipeline import (
 )
 from torchrec_mec.pipeline.compare import PLOT_FILE, describe, read_comparisons
 from torchrec_mec.pipeline.graph import stage
+from torchrec_mec.pipeline.outputs import export_model
 from torchrec_mec.pipeline.settings import DEFAULT_PRESET
 from torchrec_mec.quantize.budget import BudgetError
 
+EXPORT_STAGES = ("pretrain", "finetune", "update")
+EXPORT_HELP = ("write a stage's model (saved shard by shard) as one file, for small models and "
+               "serving (outputs.load_exported_model reads it)")
 SOURCE_COMMANDS = ("run", "prepare", "pretrain")
 """The commands that take ``--data`` / ``--format`` (``pretrain``: to prepare DIR/data first)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``mec`` argument parser (one sub-command per stage, plus ``run``)."""
+    """The ``mec`` argument parser (one sub-command per stage, plus ``run`` and ``export``)."""
     parser = argparse.ArgumentParser(
         prog="mec", description="MEC embedding compression for TorchRec CTR models.",
         epilog="Settings: a preset, then --config FILE, then the flags below and --set KEY=VALUE "
@@ -89,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--compare", action="store_true",
                            help="also run `mec compare` (MEC against the alternatives at equal "
                                 "memory, compare.ratios; costly) and report its comparisons")
+    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="the run directory")
+    p.add_argument("--stage", choices=EXPORT_STAGES, default="finetune",
+                   help="whose model (default: finetune)")
+    p.add_argument("--to", metavar="FILE", help="the file to write (default DIR/<stage>.mec)")
     return parser
 
 
@@ -153,6 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "export":
+        to = args.to or os.path.join(args.out, f"{args.stage}.mec")
+        print(export_model(stage_dir(args.out, args.stage), to))
+        return 0
     out, progress = args.out, not args.no_progress
     settings = None if args.command == "report" else settings_from_args(args)
     source = (DataSource(args.format, args.data) if getattr(args, "format", None) is not None

@@ -160,6 +160,7 @@ def build_model(
     compressed: Optional[Mapping[str, Tuple[int, int]]] = None,
     device: Optional[torch.device] = None,
     new_ids: Optional[Mapping[str, Mapping[str, int]]] = None,
+    tables_device: Optional[torch.device] = None,
 ) -> CTRModel:
     """Builds the named CTR model for a data set: one table per sparse feature.
 
@@ -177,6 +178,10 @@ def build_model(
         new_ids (Optional[Mapping[str, Mapping[str, int]]]): per compressed table, its new-id
             settings (``coded_rows``, ``fallback_rows``, ``promotion_slots`` of
             ``QuantizedEmbeddingBagConfig``): a fallback table for the ids it has no codes for.
+        tables_device (Optional[torch.device]): where the embedding collection goes, if not
+            with the rest: ``meta`` allocates (and initialises) no table, for
+            ``DistributedModelParallel`` to shard and a checkpoint to fill (the dense parts,
+            on ``device``, then draw other random numbers: the tables draw none).
 
     Returns:
         CTRModel: logits [B] from (dense [B, num_dense], KJT).
@@ -193,8 +198,9 @@ def build_model(
     """
     tables = embedding_tables(sparse_names, num_embeddings, config.embedding_dim)
     ebc: EmbeddingBagCollectionInterface
+    table_device = device if tables_device is None else tables_device
     if compressed is None:
-        ebc = EmbeddingBagCollection(tables, device=device)
+        ebc = EmbeddingBagCollection(tables, device=table_device)
     else:
         unknown = sorted(set(compressed) - {t.name for t in tables})
         if unknown:
@@ -213,7 +219,7 @@ def build_model(
             )
             for t in tables
         ]
-        ebc = QuantizedEmbeddingBagCollection(qtables, device=device)
+        ebc = QuantizedEmbeddingBagCollection(qtables, device=table_device)
     dense_in = max(num_dense, 1)
     arch: Union[DLRM, SimpleDeepFMNN]  # DLRM_DCN is a DLRM
     if config.name == "deepfm":
@@ -235,4 +241,6 @@ def build_model(
             arch = DLRM_DCN(**common,
                             dcn_num_layers=config.dcn_num_layers,
                             dcn_low_rank_dim=config.dcn_low_rank_dim)
-    return CTRModel(arch, config, num_dense).to(device or torch.device("cpu"))
+    model = CTRModel(arch, config, num_dense)
+    return model.to(device or torch.device("cpu")) if tables_device is None else model
+

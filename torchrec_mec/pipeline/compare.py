@@ -47,10 +47,10 @@ from torchrec_mec.pipeline.compress import compress
 from torchrec_mec.pipeline.evaluate import embedding_memory, evaluate_model
 from torchrec_mec.pipeline.finetune import finetune
 from torchrec_mec.pipeline.outputs import (
-    CHECKPOINT_FILE,
+    CHECKPOINT_DIR,
     COUNTS_FILE,
     MODEL_FILE,
-    TABLES_FILE,
+    TABLES_MANIFEST,
     fingerprint,
     load_model,
 )
@@ -203,11 +203,11 @@ class _Job:
         key = fingerprint({"cell": asdict(cell), **_scope(cell, self.settings)},
                           *_inputs(cell, self.data_dir, self.pretrain_dir))
         result = train_model(model, dataset, self.settings.pretrain, ctx=self.ctx,
-                             checkpoint_uri=os.path.join(self.work(cell), CHECKPOINT_FILE),
+                             checkpoint_uri=os.path.join(self.work(cell), CHECKPOINT_DIR),
                              fingerprint=key, eval_batch_size=self.settings.evaluate.batch_size,
                              desc=f"compare {cell.name}", progress=False, start_competes=False)
-        assert result.state is not None  # one process (checked before the stage runs)
-        model.load_state_dict(result.state)
+        if result.model is not model:  # one process trains the model itself (checked up front)
+            model.load_state_dict(result.model.state_dict())
         return result.history.best_epoch
 
 
@@ -299,7 +299,7 @@ def _inputs(cell: Cell, data_dir: str, pretrain_dir: str) -> List[str]:
     the cell trains from scratch."""
     files = [os.path.join(data_dir, "manifest.json")]
     if cell.method not in ("small_dim", "hashing"):
-        files += [os.path.join(pretrain_dir, f) for f in (MODEL_FILE, TABLES_FILE, COUNTS_FILE)]
+        files += [os.path.join(pretrain_dir, f) for f in (MODEL_FILE, TABLES_MANIFEST, COUNTS_FILE)]
     return files
 
 

@@ -2,7 +2,7 @@
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, Iterator, Mapping, NamedTuple, Tuple
 
 import torch
 from iopath.common.file_io import g_pathmgr
@@ -11,11 +11,19 @@ from torchrec_mec.artifacts import load_artifact, save_artifact
 from torchrec_mec.pipeline.outputs import (
     COUNTS_FILE,
     COUNTS_KIND,
-    TABLES_FILE,
+    TABLES_DIR,
     TABLES_KIND,
+    TABLES_MANIFEST,
     fingerprint,
 )
-from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
+from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed, run_on_main
+from torchrec_mec.pipeline.state_dirs import (
+    ONE_PROCESS,
+    load_state,
+    save_state,
+    state_shapes,
+    verify_state,
+)
 from torchrec_mec.pipeline.settings import Settings
 from torchrec_mec.quantize import quantize_tables
 from torchrec_mec.quantize.budget import TableOption, check_ratio, plan_tables
@@ -24,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 COMPRESSED_FILE = "compressed.mec"
 COMPRESSED_KIND = "mec_compressed_tables"
+CODES_DIR = "codes/"
+CODES_KIND = "mec_codes"
 PLAN_FILE = "plan.mec"
 PLAN_KIND = "mec_compress_plan"
 
@@ -64,20 +74,23 @@ def compress(
     ``compress.min_rows`` rows, with the quantizer's M and K.
 
     Runs ``torchrec_mec.quantize.quantize_tables``: tables are spread over the ranks of a
-    torchrun job; each table's quantizer checkpoints every epoch and a finished table (its
-    artifact under ``out_dir/tables/``) is not redone, so a killed run resumes.
+    torchrun job, and a rank reads a table from stage 1's state directory only when it
+    quantizes it (one at a time); each table's quantizer checkpoints every epoch and a finished
+    table (its artifact under ``out_dir/tables/``) is not redone, so a killed run resumes.
 
     Args:
-        pretrain_dir (str): stage 1's folder (``tables.mec``, ``counts.mec``).
+        pretrain_dir (str): stage 1's folder (``tables/``, ``counts.mec``).
         out_dir (str): where the outputs go (``DIR/compress`` in a run).
         settings (Settings): uses ``compress``.
         force (bool): quantize every table again, dropping finished tables and checkpoints.
         progress (bool): show progress bars.
 
     Returns:
-        str: the URI of ``compressed.mec`` (``<table>.codes``, ``<table>.codebooks``; metadata
-        ``tables`` with each compressed table's quantizer statistics, ``plan`` with the
-        allocator's choice per table, or None without a target ratio).
+        str: the URI of ``compressed.mec`` (metadata: ``tables`` with each compressed table's
+        quantizer statistics, ``plan`` with the allocator's choice per table, or None without
+        a target ratio); the codes and codebooks are the state directory ``codes/``
+        (``embedding_bags.<table>.codes``, ``embedding_bags.<table>.codebooks``), which stage 3
+        loads into its shards.
 
     Raises:
         ArtifactError: stage 1's files missing or corrupted (names the file).
@@ -86,22 +99,23 @@ def compress(
     """
     ctx = init_distributed()
     out_uri = os.path.join(out_dir, COMPRESSED_FILE)
-    tables_uri = os.path.join(pretrain_dir, TABLES_FILE)
+    tables_uri = os.path.join(pretrain_dir, TABLES_DIR)
     counts_uri = os.path.join(pretrain_dir, COUNTS_FILE)
-    tensors, _ = load_artifact(tables_uri, expect_kind=TABLES_KIND)
+    run_on_main(lambda: verify_state(tables_uri, TABLES_KIND), ctx)  # every shard file, once
     counts, _ = load_artifact(counts_uri, expect_kind=COUNTS_KIND)
-    weights = {k[len("embedding_bags."):-len(".weight")]: v for k, v in tensors.items()
-               if k.startswith("embedding_bags.") and k.endswith(".weight")}
-    all_tables = {t: (w, counts[t]) for t, w in weights.items()}
+    all_tables = TablesOnDisk(tables_uri, counts)
+    weights = all_tables.shapes
     plan = None
     if settings.compress.target_ratio is not None:
         # The plan's key: what it depends on, so a stale plan is never reused.
-        key = fingerprint(settings.compress, tables_uri, counts_uri)
+        key = fingerprint(settings.compress, os.path.join(pretrain_dir, TABLES_MANIFEST),
+                          counts_uri)
         plan = _plan(all_tables, settings, os.path.join(out_dir, PLAN_FILE), key, ctx,
                      force=force, progress=progress)
     results = quantize_tables(all_tables, settings.compress.config,
                               os.path.join(out_dir, "tables"), min_rows=settings.compress.min_rows,
                               overwrite=force, progress=progress and ctx.is_main,
+                              num_rows={t: shape[0] for t, shape in weights.items()},
                               shapes=None if plan is None else {
                                   t: (o.num_subspaces, o.codebook_size) if o.compressed else None
                                   for t, o in plan.items()})
@@ -111,21 +125,22 @@ def compress(
                 else f">= {settings.compress.min_rows} rows")
         logger.info("compress: %d of %d tables compressed (%s): %s", len(compressed),
                     len(weights), rule, sorted(compressed))
-        out_tensors: Dict[str, torch.Tensor] = {}
+        codes: Dict[str, torch.Tensor] = {}
         for t, r in compressed.items():
-            out_tensors[f"{t}.codes"] = r.codes
-            out_tensors[f"{t}.codebooks"] = r.codebooks
+            codes[f"embedding_bags.{t}.codes"] = r.codes
+            codes[f"embedding_bags.{t}.codebooks"] = r.codebooks
+        save_state(os.path.join(out_dir, CODES_DIR), codes, ONE_PROCESS, CODES_KIND, {})
         meta = {"settings": asdict(settings.compress),
                 "tables": {t: r.stats.to_dict() for t, r in compressed.items()},
                 "plan": None if plan is None else {t: asdict(o) for t, o in plan.items()},
                 "full_tables": sorted(set(weights) - set(compressed))}
-        save_artifact(out_uri, out_tensors, meta, COMPRESSED_KIND)
+        save_artifact(out_uri, {}, meta, COMPRESSED_KIND)
     barrier(ctx)
     return out_uri
 
 
 def _plan(
-    tables: Dict[str, Any],
+    tables: "TablesOnDisk",
     settings: Settings,
     uri: str,
     key: str,
@@ -138,7 +153,7 @@ def _plan(
     and saved on rank 0, read by all; a saved plan for the same inputs and settings is reused."""
     s = settings.compress
     assert s.target_ratio is not None  # a plan is made only for a target ratio
-    check_ratio({t: tuple(w.shape) for t, (w, _) in tables.items()}, s.target_ratio,
+    check_ratio({t: (shape[0], shape[1]) for t, shape in tables.shapes.items()}, s.target_ratio,
                 s.codebook_sizes)
     if ctx.is_main and (force or not g_pathmgr.exists(uri)
                         or load_artifact(uri, expect_kind=PLAN_KIND)[1]["fingerprint"] != key):
@@ -156,13 +171,63 @@ def _plan(
     return plan
 
 
+class TablesOnDisk(Mapping[str, Tuple[torch.Tensor, torch.Tensor]]):
+    """Stage 1's tables as ``name -> (weight, counts)``, each weight read from the state
+    directory when it is asked for (this rank alone; nothing is kept), so a rank holds only the
+    table it works on.
+
+    Args:
+        uri (str): the state directory of the tables (``pretrain/tables/``), already verified.
+        counts (Mapping[str, Tensor]): per table, its ids' occurrences (``counts.mec``).
+
+    Example::
+
+        >>> import tempfile
+        >>> d = os.path.join(tempfile.mkdtemp(), "tables")
+        >>> save_state(d, {"embedding_bags.t_C1.weight": torch.ones(3, 2)}, ONE_PROCESS,
+        ...            TABLES_KIND, {})
+        >>> tables = TablesOnDisk(d, {"t_C1": torch.tensor([1, 0, 2])})
+        >>> tables.shapes, tables["t_C1"][0].sum().item()
+        ({'t_C1': (3, 2)}, 6.0)
+    """
+
+    def __init__(self, uri: str, counts: Mapping[str, torch.Tensor]):
+        self.uri = uri
+        self.counts = counts
+        saved = state_shapes(uri)
+        self._entries = {k[len("embedding_bags."):-len(".weight")]: (k, dtype)
+                         for k, (_, dtype) in saved.items()
+                         if k.startswith("embedding_bags.") and k.endswith(".weight")}
+        self.shapes: Dict[str, Tuple[int, ...]] = {t: saved[k][0]
+                                                   for t, (k, _) in self._entries.items()}
+
+    def __getitem__(self, table: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        key, dtype = self._entries[table]
+        weight = torch.empty(self.shapes[table], dtype=dtype)
+        load_state(self.uri, {key: weight}, ONE_PROCESS, TABLES_KIND, verify=False)
+        return weight, self.counts[table]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def load_compressed(compress_dir: str) -> Dict[str, CompressedTable]:
-    """Stage 2's codes, codebooks and statistics per compressed table.
+    """Stage 2's codes, codebooks and statistics per compressed table (all in memory: for
+    inspection and small models; stage 3 reads ``codes/`` shard by shard).
 
     Raises:
-        ArtifactError: ``compressed.mec`` missing or corrupted (names the file).
+        ArtifactError: ``compressed.mec`` or ``codes/`` missing or corrupted (names it).
     """
-    tensors, meta = load_artifact(os.path.join(compress_dir, COMPRESSED_FILE),
-                                  expect_kind=COMPRESSED_KIND)
-    return {t: CompressedTable(tensors[f"{t}.codes"], tensors[f"{t}.codebooks"], stats)
+    _, meta = load_artifact(os.path.join(compress_dir, COMPRESSED_FILE),
+                            expect_kind=COMPRESSED_KIND)
+    uri = os.path.join(compress_dir, CODES_DIR)
+    shapes = state_shapes(uri) if meta["tables"] else {}
+    tensors = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
+    if tensors:
+        load_state(uri, tensors, ONE_PROCESS, CODES_KIND)
+    return {t: CompressedTable(tensors[f"embedding_bags.{t}.codes"],
+                               tensors[f"embedding_bags.{t}.codebooks"], stats)
             for t, stats in meta["tables"].items()}

@@ -17,10 +17,17 @@ from torchmetrics.classification import BinaryAUROC
 from tqdm import tqdm
 
 from torchrec_mec.artifacts import load_artifact, save_artifact
-from torchrec_mec.data import CTRDataset, EncodedDataset
+from torchrec_mec.data import CTRDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import CTRModel
-from torchrec_mec.pipeline.outputs import METRICS_FILE, METRICS_KIND, load_model
-from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
+from torchrec_mec.pipeline.outputs import METRICS_FILE, METRICS_KIND, load_tables, model_skeleton
+from torchrec_mec.pipeline.parallel import (
+    DistContext,
+    barrier,
+    init_distributed,
+    materialize,
+    shard_model,
+)
 from torchrec_mec.pipeline.settings import Settings
 
 
@@ -152,9 +159,12 @@ def evaluate(
 ) -> str:
     """Stage 4: scores the pre-trained and the fine-tuned MEC model on the test split.
 
+    Under torchrun each model is sharded (``DistributedModelParallel``) and each rank loads only
+    its shards of the saved tables, whatever number of processes wrote them.
+
     Args:
         data_dir (str): the prepared data set.
-        baseline_dir (str): stage 1's folder (``model.mec``, ``tables.mec``).
+        baseline_dir (str): stage 1's folder (``model.mec``, ``tables/``).
         mec_dir (str): stage 3's folder.
         out_dir (str): where ``metrics.mec`` goes.
         settings (Settings): uses ``settings.evaluate``.
@@ -170,16 +180,20 @@ def evaluate(
     """
     ctx = init_distributed()
     out_uri = os.path.join(out_dir, METRICS_FILE)
-    dataset = EncodedDataset(data_dir)
+    dataset = open_dataset(data_dir)
     results: Dict[str, Any] = {}
     memory: Dict[str, Any] = {}
     for name, folder in (("baseline", baseline_dir), ("mec", mec_dir)):
-        model, _ = load_model(folder)
-        model.to(ctx.device)
-        metrics = evaluate_model(model, dataset, "test", settings.evaluate.batch_size, ctx,
+        model, _ = model_skeleton(folder)  # tables on meta: each rank loads its shards
+        memory[name] = embedding_memory(model)
+        runner = shard_model(model, ctx, embedding_lr=None) if ctx.distributed else model
+        materialize(runner, ctx.device)
+        load_tables(folder, runner, ctx)
+        runner.to(ctx.device)
+        metrics = evaluate_model(runner, dataset, "test", settings.evaluate.batch_size, ctx,
                                  progress=progress, desc=f"evaluate {name}")
         results[name] = asdict(metrics)
-        memory[name] = embedding_memory(model)
+        del model, runner
     meta = {
         "settings": asdict(settings.evaluate),
         **results,

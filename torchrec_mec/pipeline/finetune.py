@@ -2,39 +2,52 @@
 import math
 import os
 from dataclasses import asdict
-from typing import Any, Dict, Mapping, NamedTuple
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
+from torch import nn
 
-from torchrec_mec.data import EncodedDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import CTRModel, build_model
-from torchrec_mec.pipeline.compress import COMPRESSED_FILE, load_compressed
+from torchrec_mec.pipeline.compress import (
+    CODES_DIR,
+    CODES_KIND,
+    COMPRESSED_FILE,
+    COMPRESSED_KIND,
+    load_compressed,
+)
 from torchrec_mec.artifacts import load_artifact
 from torchrec_mec.pipeline.outputs import (
-    CHECKPOINT_FILE,
+    CHECKPOINT_DIR,
     COUNTS_FILE,
     COUNTS_KIND,
     EMBEDDING_PREFIX,
+    META,
     MODEL_FILE,
-    TABLES_FILE,
+    MODEL_KIND,
+    TABLES_DIR,
+    TABLES_KIND,
+    TABLES_MANIFEST,
     fingerprint,
     load_model,
     architecture,
+    build_from_architecture,
     save_model,
 )
-from torchrec_mec.pipeline.parallel import barrier, init_distributed
+from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
 from torchrec_mec.pipeline.settings import NewIdSettings, Settings
-from torchrec_mec.pipeline.training import drop_checkpoint, remove_checkpoint, train_model
+from torchrec_mec.pipeline.state_dirs import MANIFEST, load_state, state_shapes
+from torchrec_mec.pipeline.training import Restore, drop_checkpoint, remove_checkpoint, train_model
 
 
 class FinetuneOutput(NamedTuple):
-    """Stage 3's files: ``model.mec`` (dense arch, architecture, history) and ``tables.mec``
-    (the QEBC state: codes, codebooks, full small tables).
+    """Stage 3's files: ``model.mec`` (dense arch, architecture, history) and ``tables/``
+    (the QEBC state: codes, codebooks, full small tables; a state directory).
 
     Example::
 
-        >>> FinetuneOutput("r/finetune/model.mec", "r/finetune/tables.mec").tables_uri
-        'r/finetune/tables.mec'
+        >>> FinetuneOutput("r/finetune/model.mec", "r/finetune/tables/").tables_uri
+        'r/finetune/tables/'
     """
 
     model_uri: str
@@ -106,6 +119,39 @@ def compressed_model(pretrain_dir: str, compress_dir: str,
     return model
 
 
+def sharded_start(pretrain_dir: str, compress_dir: str) -> Tuple[CTRModel, Restore]:
+    """The compressed model with its embedding collection on ``meta``, and the ``restore`` that
+    fills it once sharded (or materialised in one process), each rank reading only its shards:
+    codes and codebooks from stage 2's ``codes/``, the full tables from stage 1's ``tables/``,
+    and the dense, interaction and over arch from stage 1's ``model.mec``.
+
+    Raises:
+        ArtifactError: an input missing or corrupted (names it).
+    """
+    dense, meta = load_artifact(os.path.join(pretrain_dir, MODEL_FILE), expect_kind=MODEL_KIND)
+    _, stage2 = load_artifact(os.path.join(compress_dir, COMPRESSED_FILE),
+                              expect_kind=COMPRESSED_KIND)
+    saved = state_shapes(os.path.join(compress_dir, CODES_DIR)) if stage2["tables"] else {}
+    shapes = {t: list(saved[f"embedding_bags.{t}.codebooks"][0][:2]) for t in stage2["tables"]}
+    model = build_from_architecture({**meta["architecture"], "compressed": shapes}, META)
+
+    def restore(runner: nn.Module, ctx: DistContext) -> None:
+        state = runner.state_dict()
+        with torch.no_grad():
+            for key, value in dense.items():
+                state[key].copy_(value)
+        prefix = EMBEDDING_PREFIX
+        tables = {k: v for k, v in state.items() if k.startswith(prefix)}
+        full = {k[len(prefix):]: v for k, v in tables.items() if k.endswith(".weight")}
+        codes = {k[len(prefix):]: v for k, v in tables.items() if not k.endswith(".weight")}
+        load_state(os.path.join(pretrain_dir, TABLES_DIR), full, ctx, TABLES_KIND)
+        if codes:
+            load_state(os.path.join(compress_dir, CODES_DIR), codes, ctx, CODES_KIND)
+        runner.load_state_dict(state)  # parts of a state dict may be copies, not views
+
+    return model, restore
+
+
 def finetune(
     data_dir: str,
     pretrain_dir: str,
@@ -122,7 +168,9 @@ def finetune(
     predicted probabilities with the labels (``training.distillation_targets``).
 
     Runs in one process or data-parallel under torchrun (``DistributedModelParallel`` with the
-    QEBC sharder); resumes from ``out_dir/checkpoint.mec``.
+    QEBC sharder), each rank loading and saving only its shards (:func:`sharded_start`; a model
+    with fallback tables for new ids is built whole first, :func:`compressed_model`); resumes
+    from ``out_dir/checkpoint/`` under any number of processes.
 
     Args:
         data_dir (str): the prepared data set.
@@ -140,32 +188,36 @@ def finetune(
         ArtifactError: an input missing or corrupted, or a corrupted checkpoint (names the file).
     """
     ctx = init_distributed()
-    out = FinetuneOutput(os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, TABLES_FILE))
-    checkpoint = os.path.join(out_dir, CHECKPOINT_FILE)
+    out = FinetuneOutput(os.path.join(out_dir, MODEL_FILE), os.path.join(out_dir, TABLES_DIR))
+    checkpoint = os.path.join(out_dir, CHECKPOINT_DIR)
     scope = {"finetune": settings.finetune, "eval_batch_size": settings.evaluate.batch_size,
              "new_ids": settings.new_ids}
     want = fingerprint(scope, os.path.join(data_dir, "manifest.json"),
                        os.path.join(pretrain_dir, MODEL_FILE),
-                       os.path.join(pretrain_dir, TABLES_FILE),
+                       os.path.join(pretrain_dir, TABLES_MANIFEST),
                        os.path.join(pretrain_dir, COUNTS_FILE),
-                       os.path.join(compress_dir, COMPRESSED_FILE))
+                       os.path.join(compress_dir, COMPRESSED_FILE),
+                       os.path.join(compress_dir, CODES_DIR, MANIFEST))
     if force:
         drop_checkpoint(checkpoint, ctx)
-    dataset = EncodedDataset(data_dir)
-    model = compressed_model(pretrain_dir, compress_dir, settings.new_ids)
+    dataset = open_dataset(data_dir)
+    restore: Optional[Restore] = None
+    if settings.new_ids.fallback_fraction:
+        model = compressed_model(pretrain_dir, compress_dir, settings.new_ids)
+    else:
+        model, restore = sharded_start(pretrain_dir, compress_dir)
     torch.manual_seed(settings.finetune.seed)
     arch = architecture(model)  # before DMP shards the model in place
     teacher = load_model(pretrain_dir)[0] if settings.finetune.distill_weight else None
     result = train_model(model, dataset, settings.finetune, ctx=ctx, checkpoint_uri=checkpoint,
                          fingerprint=want, eval_batch_size=settings.evaluate.batch_size,
-                         desc="finetune", progress=progress, teacher=teacher,
+                         restore=restore, desc="finetune", progress=progress, teacher=teacher,
                          distill_weight=settings.finetune.distill_weight)
+    save_model(out_dir, result.model.state_dict(), arch,
+               {"stage": "finetune", "world_size": ctx.world_size,
+                "history": result.history.to_dict(),
+                "settings": {"finetune": asdict(settings.finetune)}}, ctx)
     if ctx.is_main:
-        assert result.state is not None
-        save_model(out_dir, result.state, arch,
-                   {"stage": "finetune", "world_size": ctx.world_size,
-                    "history": result.history.to_dict(),
-                    "settings": {"finetune": asdict(settings.finetune)}})
         remove_checkpoint(checkpoint)
     barrier(ctx)
     return out

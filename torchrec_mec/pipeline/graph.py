@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torchrec_mec.pipeline.compare import COMPARISONS_FILE, compare
-from torchrec_mec.pipeline.compress import COMPRESSED_FILE, compress
+from torchrec_mec.pipeline.compress import CODES_DIR, COMPRESSED_FILE, compress
 from torchrec_mec.pipeline.evaluate import evaluate
 from torchrec_mec.pipeline.finetune import finetune
 from torchrec_mec.pipeline.lineage import record_path, stale
@@ -23,7 +23,7 @@ from torchrec_mec.pipeline.outputs import (
     COUNTS_FILE,
     METRICS_FILE,
     MODEL_FILE,
-    TABLES_FILE,
+    TABLES_DIR,
     stage_dir,
 )
 from torchrec_mec.pipeline.parallel import init_distributed, run_on_main
@@ -101,7 +101,7 @@ class Stage:
     Example::
 
         >>> stage("compress").inputs
-        ('pretrain/tables.mec', 'pretrain/counts.mec')
+        ('pretrain/tables/', 'pretrain/counts.mec')
     """
 
     name: str
@@ -210,28 +210,28 @@ STAGES: Tuple[Stage, ...] = (
     Stage("prepare", "encode the raw data set (or generate the synthetic one) into DIR/data",
           inputs=(), outputs=("data/",), reads=_prepare_reads, body=_prepare),
     Stage("pretrain", "stage 1: train the model with full tables, count id popularity",
-          inputs=("data/",), outputs=_files("pretrain", MODEL_FILE, TABLES_FILE, COUNTS_FILE),
+          inputs=("data/",), outputs=_files("pretrain", MODEL_FILE, TABLES_DIR, COUNTS_FILE),
           reads=_pretrain_reads, body=_pretrain, needs_rows=("train",),
           check=lambda s, d, w: check_training("pretrain", s.pretrain, d, w)),
     Stage("compress", "stage 2: MEC-quantize the tables (a --target-ratio, or >= min_rows rows)",
-          inputs=_files("pretrain", TABLES_FILE, COUNTS_FILE),
-          outputs=_files("compress", COMPRESSED_FILE),
+          inputs=_files("pretrain", TABLES_DIR, COUNTS_FILE),
+          outputs=_files("compress", COMPRESSED_FILE, CODES_DIR),
           reads=lambda c: c.need_settings().compress, body=_compress,
           check=lambda s, d, w: check_compress(s, d)),
     Stage("finetune", "stage 3: train the model on codes (QuantizedEmbeddingBagCollection)",
-          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_FILE, COUNTS_FILE),
-                  *_files("compress", COMPRESSED_FILE)),
-          outputs=_files("finetune", MODEL_FILE, TABLES_FILE), reads=_finetune_reads,
+          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_DIR, COUNTS_FILE),
+                  *_files("compress", COMPRESSED_FILE, CODES_DIR)),
+          outputs=_files("finetune", MODEL_FILE, TABLES_DIR), reads=_finetune_reads,
           body=_finetune, needs_rows=("train",),
           check=lambda s, d, w: check_training("finetune", s.finetune, d, w)),
     Stage("evaluate", "stage 4: test AUC, log loss and embedding memory of both models",
-          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_FILE),
-                  *_files("finetune", MODEL_FILE, TABLES_FILE)),
+          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_DIR),
+                  *_files("finetune", MODEL_FILE, TABLES_DIR)),
           outputs=_files("evaluate", METRICS_FILE), reads=lambda c: c.need_settings().evaluate,
           body=_evaluate, needs_rows=("test",)),
     Stage("compare", "MEC against k-means PQ, a smaller dimension, hashing, int8 and int4 at "
                      "equal embedding memory (compare.ratios; costly: not part of mec run)",
-          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_FILE, COUNTS_FILE)),
+          inputs=("data/", *_files("pretrain", MODEL_FILE, TABLES_DIR, COUNTS_FILE)),
           outputs=("compare/",), reads=_compare_reads, body=_compare,
           needs_rows=("train", "test"), check=_check_compare),
     Stage("report", "write DIR/report.json and DIR/plots from the stages' outputs",
@@ -242,8 +242,8 @@ STAGES: Tuple[Stage, ...] = (
           optional_inputs=(f"compare/{COMPARISONS_FILE}",)),
     Stage("update", "new ids: train the fine-tuned model on the traffic since compression "
                     "(update.split), then give the busiest new ids codes (no stage 2 rerun)",
-          inputs=("data/", *_files("finetune", MODEL_FILE, TABLES_FILE)),
-          outputs=_files("update", MODEL_FILE, TABLES_FILE, PROMOTED_FILE), reads=_update_reads,
+          inputs=("data/", *_files("finetune", MODEL_FILE, TABLES_DIR)),
+          outputs=_files("update", MODEL_FILE, TABLES_DIR, PROMOTED_FILE), reads=_update_reads,
           body=_update, check=check_update),
 )
 """Every stage, in an order where each one comes after the stages it reads from."""
@@ -268,7 +268,7 @@ def stage(name: str) -> Stage:
 def producer(path: str) -> Stage:
     """The stage that writes ``path`` (an output of it, or a file inside an output folder).
 
-    >>> producer("data/manifest.json").name, producer("pretrain/tables.mec").name
+    >>> producer("data/manifest.json").name, producer("pretrain/tables/__0_0.distcp").name
     ('prepare', 'pretrain')
     """
     for s in STAGES:

@@ -5,8 +5,8 @@ When a stage finishes, the runner writes ``DIR/lineage/<stage>.json``::
     {"kind": "torchrec_mec-stage-record", "version": 1, "stage": "compress",
      "finished": "2026-11-30T10:00:00+00:00", "world_size": 1,
      "settings": {...the settings the stage read...}, "settings_sha256": "...",
-     "inputs":  {"pretrain/tables.mec": "<sha256>", "pretrain/counts.mec": "<sha256>"},
-     "outputs": {"compress/compressed.mec": {"compress/compressed.mec": "<sha256>"}}}
+     "inputs":  {"pretrain/tables/": "<sha256>", "pretrain/counts.mec": "<sha256>"},
+     "outputs": {"compress/compressed.mec": {...}, "compress/codes/": {...}}}
 
 Paths are relative to the run directory; a path ending in ``/`` is a folder and stands for every
 file under it (a data set, or a checkpoint directory). ``inputs`` holds the digest of each input
@@ -115,7 +115,7 @@ class StageRecord:
     Example::
 
         >>> r = StageRecord("compress", "2026-01-01T00:00:00+00:00", 1, {"m": 4},
-        ...                 {"pretrain/tables.mec": "ab"}, {"compress/c.mec": {"compress/c.mec": "cd"}})
+        ...                 {"pretrain/counts.mec": "ab"}, {"compress/c.mec": {"compress/c.mec": "cd"}})
         >>> StageRecord.from_json(r.to_json()) == r
         True
     """
@@ -223,11 +223,11 @@ def changed_inputs(record: StageRecord, inputs: Mapping[str, str]) -> Optional[s
 
     Example::
 
-        >>> r = StageRecord("compress", "t", 1, {}, {"pretrain/tables.mec": "ab"}, {})
-        >>> changed_inputs(r, {"pretrain/tables.mec": "ab"}) is None
+        >>> r = StageRecord("compress", "t", 1, {}, {"pretrain/counts.mec": "ab"}, {})
+        >>> changed_inputs(r, {"pretrain/counts.mec": "ab"}) is None
         True
-        >>> changed_inputs(r, {"pretrain/tables.mec": "cd"})
-        'pretrain/tables.mec changed since it ran (the stage that writes it ran again)'
+        >>> changed_inputs(r, {"pretrain/counts.mec": "cd"})
+        'pretrain/counts.mec changed since it ran (the stage that writes it ran again)'
     """
     changed = [p for p, digest in inputs.items() if record.inputs.get(p) != digest]
     if not changed:

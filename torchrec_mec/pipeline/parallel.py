@@ -1,10 +1,9 @@
 """Processes, devices and DistributedModelParallel for the pipeline's stages.
 
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment) the stages share one process
-group: gloo on CPU, NCCL when CUDA is available. Model state crosses the process boundary only
-as *full* (unsharded) tensors: ``gather_state`` assembles sharded tables on rank 0 for saving,
-``load_state`` copies full tensors into whatever shards a rank holds. Checkpoints and stage
-outputs are therefore the same files whatever the world size, and a one-process run reads them.
+group: gloo on CPU, NCCL when CUDA is available. Model state is saved and loaded shard by shard
+through torch.distributed.checkpoint (``state_dirs``), never gathered whole; ``load_full_state``
+copies full tensors a rank already holds (a small model built whole) into its shards.
 """
 import os
 import pickle
@@ -100,14 +99,15 @@ def run_on_main(fn: Callable[[], T], ctx: DistContext) -> T:
     return cast(T, result)
 
 
-def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.Module:
+def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: Optional[float]) -> nn.Module:
     """Wraps ``model`` in ``DistributedModelParallel`` with this package's sharders.
 
     The one place that chooses sharders: TorchRec's ``EmbeddingBagCollectionSharder`` and, for
     the compressed collection, ``QuantizedEmbeddingBagCollectionSharder``, both with Adagrad
     fused into the backward pass (FBGEMM's ``EXACT_ADAGRAD``; ``torch.optim.Adagrad`` for
     codebooks), the same update as the unsharded path's ``torch.optim.Adagrad``. DMP re-initialises
-    sharded tables, so the caller loads the model's state afterwards (``load_state``). Tables
+    sharded tables, so the caller loads the model's state afterwards (``load_full_state``,
+    ``state_dirs.load_state``). Tables
     with a fallback for new ids are planned table-wise or data-parallel (``new_id_constraints``).
     """
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -116,8 +116,10 @@ def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.M
 
     from torchrec_mec.modules import QuantizedEmbeddingBagCollection
 
-    fused = {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": embedding_lr,
-             "eps": EMBEDDING_ADAGRAD_EPS}
+    fused: Dict[str, Any] = (
+        {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0} if embedding_lr is None
+        else {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": embedding_lr,
+              "eps": EMBEDDING_ADAGRAD_EPS})
     sharders: List[Any] = [EmbeddingBagCollectionSharder(fused_params=fused)]
     if any(isinstance(m, QuantizedEmbeddingBagCollection) for m in model.modules()):
         try:
@@ -148,40 +150,8 @@ def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: float) -> nn.M
     return DistributedModelParallel(model, device=ctx.device, sharders=sharders)
 
 
-def gather_state(state: Mapping[str, Any], ctx: DistContext) -> Optional[Dict[str, torch.Tensor]]:
-    """The full tensors of a (possibly sharded) state dict, on rank 0 (``None`` elsewhere).
-
-    ``ShardedTensor`` values are assembled from every rank's local shards (a collective: every
-    rank must call this, and every rank's state must have the same keys, as a
-    ``DistributedModelParallel`` model's has); plain tensors are replicated and taken as is.
-    Nested dicts are flattened with dotted keys.
-    """
-    flat = _flatten(state)
-    if ctx.distributed:
-        keys: List[Any] = [None] * ctx.world_size
-        dist.all_gather_object(keys, list(flat))
-        if any(k != keys[0] for k in keys):
-            raise RuntimeError("gather_state: the ranks' state dicts have different keys")
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in flat.items():
-        if isinstance(value, ShardedTensor):
-            full = torch.zeros(_size(value), dtype=value.dtype, device=ctx.device)
-            for shard in value.local_shards():
-                full[_slices(shard)] = shard.tensor.to(ctx.device)
-            if ctx.distributed:
-                # gloo cannot reduce uint16 (codes of K > 256): widen, reduce, narrow back.
-                wide = full.to(torch.int32) if full.dtype in (torch.uint8, torch.uint16) else full
-                dist.reduce(wide, dst=0)  # shards do not overlap: the sum is the table
-                full = wide.to(value.dtype)
-            out[key] = full.cpu()
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.detach().cpu().clone()
-        else:
-            raise TypeError(f"state entry {key!r} is a {type(value).__name__}, not a tensor")
-    return out if ctx.is_main else None
-
-
-def load_state(state: Mapping[str, Any], full: Mapping[str, torch.Tensor], source: str) -> None:
+def load_full_state(state: Mapping[str, Any], full: Mapping[str, torch.Tensor],
+                    source: str) -> None:
     """Copies full tensors into a (possibly sharded) state dict in place, key by key.
 
     Most state dict tensors alias the parameters, buffers and optimizer states they come from,
@@ -209,43 +179,21 @@ def load_state(state: Mapping[str, Any], full: Mapping[str, torch.Tensor], sourc
                 value.copy_(src)
 
 
-def local_state(state: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """This rank's part of a (possibly sharded) state dict, flattened: plain tensors as they are,
-    the local shards of a ``ShardedTensor`` as ``<key>#<i>``. No communication; read it back
-    with :func:`load_local_state` on a rank of the same sharding plan."""
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in _flatten(state).items():
-        if isinstance(value, ShardedTensor):
-            for i, shard in enumerate(value.local_shards()):
-                out[f"{key}#{i}"] = shard.tensor.detach().cpu().clone()
-        else:
-            out[key] = value.detach().cpu().clone()
-    return out
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """Allocates, uninitialised, every tensor of ``module`` still on ``meta`` (on ``device``),
+    module by module; the rest is left as it is. The caller fills them (a stage's ``restore``).
 
+    Example::
 
-def load_local_state(state: Mapping[str, Any], local: Mapping[str, torch.Tensor],
-                     source: str) -> None:
-    """Copies what :func:`local_state` saved back into ``state`` in place (then pass ``state`` to
-    ``load_state_dict``, as for :func:`load_state`).
-
-    Raises:
-        KeyError: an entry is missing (the message names ``source``).
-        ValueError: a shape mismatch, naming the entry and ``source``.
+        >>> m = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
+        >>> materialize(m, torch.device("cpu"))
+        >>> m[1].weight.device.type, m[0].weight.device.type
+        ('cpu', 'cpu')
     """
-    targets: Dict[str, torch.Tensor] = {}
-    for key, value in _flatten(state).items():
-        if isinstance(value, ShardedTensor):
-            targets.update({f"{key}#{i}": s.tensor for i, s in enumerate(value.local_shards())})
-        else:
-            targets[key] = value
-    for key, target in targets.items():
-        if key not in local:
-            raise KeyError(f"{source}: has no entry {key!r}")
-        if tuple(local[key].shape) != tuple(target.shape):
-            raise ValueError(f"{source}: entry {key!r} has shape {tuple(local[key].shape)}, "
-                             f"expected {tuple(target.shape)}")
-        with torch.no_grad():
-            target.copy_(local[key])
+    for sub in module.modules():
+        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+        if any(t.is_meta for t in own):
+            sub.to_empty(device=device, recurse=False)
 
 
 def _picklable(error: BaseException) -> bool:

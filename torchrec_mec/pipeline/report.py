@@ -17,10 +17,10 @@ from iopath.common.file_io import g_pathmgr
 from matplotlib.figure import Figure
 
 from torchrec_mec.artifacts import load_artifact
-from torchrec_mec.data.encoded import read_manifest
 from torchrec_mec.pipeline.compare import describe, read_comparisons
 from torchrec_mec.pipeline.compress import load_compressed
 from torchrec_mec.pipeline.evaluate import read_metrics
+from torchrec_mec.pipeline.prepare import data_summary
 from torchrec_mec.pipeline.outputs import (
     COUNTS_FILE,
     COUNTS_KIND,
@@ -72,7 +72,7 @@ def build_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
     Raises:
         ArtifactError: a stage output missing or corrupted (names the file).
     """
-    data = read_manifest(stage_dir(run_dir, "data"))
+    data = data_summary(stage_dir(run_dir, "data"))
     if data is None:
         raise FileNotFoundError(f"{os.path.join(stage_dir(run_dir, 'data'), 'manifest.json')} "
                                 "not found: run `mec prepare` (or `mec run`) first")
@@ -106,9 +106,7 @@ def build_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
         "tables": tables,
         "training": {"pretrain": {**pre["history"], "world_size": pre["world_size"]},
                      "finetune": {**fine["history"], "world_size": fine["world_size"]}},
-        "data": {"fingerprint": data["fingerprint"], "num_rows": data["num_rows"],
-                 "num_embeddings": data["num_embeddings"],
-                 "bad_rows": data["bad_rows"]["count"]},
+        "data": data,
         "settings": {**pre["settings"], "compress": comp_meta["settings"],
                      **fine["settings"], "evaluate": metrics["settings"]},
         "versions": versions(),

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Collection, Dict, Iterator, List, NamedTuple, Optional
 
 from torchrec_mec.artifacts import ArtifactError
-from torchrec_mec.data import SPLITS, EncodedDataset
+from torchrec_mec.data import SPLITS
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.pipeline.graph import (
     DATA_STAGE,
     STAGE_NAMES,
@@ -258,7 +259,7 @@ class _Runner:
 
     def check(self, stages: List[Stage]) -> None:
         assert self.settings is not None
-        data = EncodedDataset(stage_dir(self.run_dir, "data"))
+        data = open_dataset(stage_dir(self.run_dir, "data"))
         facts = DataFacts({split: data.num_rows(split) for split in SPLITS}, data.num_embeddings)
         check_splits(facts, {s.name: s.needs_rows for s in stages})
         for s in stages:

@@ -7,28 +7,30 @@ DDP averages dense gradients over ranks and TorchRec divides sharded-table gradi
 size (``comm_ops.GRADIENT_DIVISION``), so every parameter receives the gradient of the mean loss
 over the global batch, exactly as one process with the whole batch, uneven last batches included.
 
-A checkpoint is the full (unsharded) model state with the position (epoch, step) and the
-history, plus one optimizer-state file per rank (the optimizer's layout follows the sharding
-plan, so a checkpoint resumes with the world size that wrote it), all written through
-``artifacts.save_artifact`` (atomic, checksummed). A rerun with the same fingerprint resumes from
-the last one and ends in the state an uninterrupted run reaches.
+A checkpoint is a state directory (``state_dirs``: torch.distributed.checkpoint, checksummed,
+renamed into place when complete) of the model and optimizer state, each rank writing the shards
+it holds, with the position (epoch, step) and the history in its manifest. Optimizer state is
+keyed by parameter name and state (``optimizer_entries``: FBGEMM's fused ``momentum1`` is
+Adagrad's ``sum``), so a checkpoint resumes under any number of processes, one included. A rerun
+with the same fingerprint resumes from the last one and ends in the state an uninterrupted run
+reaches. With ``keep_best`` the best epoch's model state is another state directory
+(``<checkpoint>.best``), loaded back at the end: no rank ever holds a whole copy of the model.
 """
 import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from iopath.common.file_io import g_pathmgr
 from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from tqdm import tqdm
 
-from torchrec_mec.artifacts import ArtifactError, load_artifact, save_artifact
+from torchrec_mec.artifacts import ArtifactError
 from torchrec_mec.data import CTRDataset
 from torchrec_mec.models import CTRModel
 from torchrec_mec.pipeline.evaluate import evaluate_model
@@ -36,18 +38,20 @@ from torchrec_mec.pipeline.parallel import (
     EMBEDDING_ADAGRAD_EPS,
     DistContext,
     barrier,
-    gather_state,
-    load_local_state,
-    load_state,
-    local_state,
+    load_full_state,
+    materialize,
+    run_on_main,
     shard_model,
 )
 from torchrec_mec.pipeline.settings import TrainSettings
+from torchrec_mec.pipeline.state_dirs import load_state, read_manifest, remove_state, save_state
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "mec_train_checkpoint"
-OPTIMIZER_KIND = "mec_optimizer_state"
+BEST_KIND = "mec_best_model_state"
+Restore = Callable[[nn.Module, DistContext], None]
+"""Fills a (possibly sharded) model's state in place: the stage's starting point."""
 
 
 @dataclass
@@ -97,17 +101,18 @@ class TrainResult:
     """Output of :func:`train_model`.
 
     Args:
-        state (Optional[Dict[str, Tensor]]): the trained model's full state dict on rank 0
-            (``None`` on other ranks): the best epoch's with ``keep_best``, else the last.
+        model (nn.Module): the trained model as it trained (a ``DistributedModelParallel``
+            under torchrun, each rank holding its shards): the best epoch's state with
+            ``keep_best``, else the last. Save it with ``outputs.save_model``.
         history (TrainHistory): losses and validation metrics.
 
     Example::
 
-        >>> TrainResult(state=None, history=TrainHistory()).history.step_loss
+        >>> TrainResult(model=nn.Linear(1, 1), history=TrainHistory()).history.step_loss
         []
     """
 
-    state: Optional[Dict[str, torch.Tensor]]
+    model: nn.Module
     history: TrainHistory
 
 
@@ -150,6 +155,7 @@ def train_model(
     checkpoint_uri: str,
     fingerprint: str,
     eval_batch_size: int,
+    restore: Optional[Restore] = None,
     desc: str = "train",
     progress: bool = True,
     start_competes: bool = True,
@@ -169,16 +175,20 @@ def train_model(
     :class:`TrainingDivergedError`.
 
     Args:
-        model (CTRModel): the unsharded model with its initial state (the same on every rank).
+        model (CTRModel): the unsharded model (the same on every rank): with its initial state,
+            or with tables on ``meta`` that ``restore`` fills after sharding.
         dataset (CTRDataset): the prepared data set.
         settings (TrainSettings): epochs, global batch size, learning rates, seed, checkpointing.
         ctx (DistContext): rank and world size (``parallel.init_distributed``).
-        checkpoint_uri (str): iopath URI of the checkpoint; resumed from if it exists with the
-            same ``fingerprint``, rewritten at every epoch end (and every
-            ``settings.checkpoint_every`` steps).
+        checkpoint_uri (str): the checkpoint's state directory; resumed from if it exists with
+            the same ``fingerprint`` (whatever world size wrote it), rewritten at every epoch end
+            (and every ``settings.checkpoint_every`` steps).
         fingerprint (str): identifies the inputs and settings; a checkpoint with another one is
             stale and ignored.
         eval_batch_size (int): global batch size of the per-epoch validation.
+        restore (Optional[Restore]): loads the starting state into the model once it is sharded
+            (``model`` itself in one process, its ``meta`` tensors materialised first); ``None``
+            when ``model`` holds it (then copied into the shards).
         desc (str): progress bar label; the stage's name in messages.
         progress (bool): show a tqdm bar (on rank 0).
         start_competes (bool): whether ``keep_best`` may keep the starting state (epoch 0).
@@ -193,12 +203,11 @@ def train_model(
         distill_weight (float): the teacher's share of the targets, in [0, 1].
 
     Returns:
-        TrainResult: the full trained state (rank 0) and the history.
+        TrainResult: the trained (possibly sharded) model and the history.
 
     Raises:
         ArtifactError: the checkpoint is corrupted (names the file and the way out).
-        ValueError: the checkpoint was written by another number of processes, or the batch
-            size does not divide by the world size.
+        ValueError: the batch size does not divide by the world size.
         TrainingDivergedError: the loss became NaN or infinite (names step and learning rates).
     """
     batch_size = settings.global_batch_size(dataset.num_rows(split), ctx.world_size)
@@ -208,32 +217,36 @@ def train_model(
     local_batch = batch_size // ctx.world_size
     runner: nn.Module = model
     if ctx.distributed:
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        initial = None if restore is not None else model.state_dict()
         runner = shard_model(model, ctx, settings.embedding_lr)
-        state = runner.state_dict()
-        load_state(state, initial, "the initial model")
-        runner.load_state_dict(state)  # parts of a state dict may be copies, not views
-        del initial
+        if initial is not None:
+            state = runner.state_dict()
+            load_full_state(state, initial, "the initial model")
+            runner.load_state_dict(state)  # parts of a state dict may be copies, not views
+            del initial
     else:
+        materialize(model, ctx.device)
         _sparse_table_gradients(model)
+    if restore is not None:
+        restore(runner, ctx)
     runner.to(ctx.device)
     if teacher is not None:
         teacher.to(ctx.device).eval()
     optimizer, own = build_optimizer(runner, settings)
 
     history = TrainHistory(batch_size=batch_size)
-    best: Optional[Dict[str, torch.Tensor]] = None
+    best = best_state_uri(checkpoint_uri)
     epoch, skip = 0, 0
     resumed = _resume(checkpoint_uri, fingerprint, ctx, runner, optimizer, own)
     if resumed is not None:
-        epoch, skip, history, best = resumed
+        epoch, skip, history = resumed
         logger.info("%s: resuming from %s (epoch %d, step %d)", desc, checkpoint_uri,
                     epoch + 1, skip)
     validate = validate and dataset.num_rows("val") > 0
     keep_best = settings.keep_best and validate
     if keep_best and not history.epochs:
-        best = _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc,
-                         start_competes, None)
+        _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc,
+                  start_competes, best, fingerprint)
     steps_per_epoch = dataset.num_batches(split, local_batch, world_size=ctx.world_size)
     every = settings.validate_every if validate else 0
     patience = settings.patience if keep_best else 0
@@ -263,14 +276,13 @@ def train_model(
             if done >= steps_per_epoch:
                 break
             if every and done % every == 0:
-                best = _validate(runner, dataset, eval_batch_size, ctx, history,
-                                 round(epoch + done / steps_per_epoch, 4),
-                                 _mean(history.step_loss[-done:]), desc, keep_best, best)
+                _validate(runner, dataset, eval_batch_size, ctx, history,
+                          round(epoch + done / steps_per_epoch, 4),
+                          _mean(history.step_loss[-done:]), desc, keep_best, best, fingerprint)
                 runner.train()
                 stopped = _patience_spent(history, patience)
             if stopped or (settings.checkpoint_every and done % settings.checkpoint_every == 0):
-                _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, done, history,
-                      best)
+                _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, done, history)
             if stopped:
                 break
         if stopped:
@@ -278,8 +290,8 @@ def train_model(
         skip = 0
         epoch += 1
         if validate:
-            best = _validate(runner, dataset, eval_batch_size, ctx, history, epoch,
-                             _mean(history.step_loss[-done:]), desc, keep_best, best)
+            _validate(runner, dataset, eval_batch_size, ctx, history, epoch,
+                      _mean(history.step_loss[-done:]), desc, keep_best, best, fingerprint)
             stopped = _patience_spent(history, patience)
             if ctx.is_main:
                 e = history.epochs[-1]
@@ -287,15 +299,22 @@ def train_model(
                             desc, epoch, settings.epochs, e["train_loss"],
                             "undefined" if e["val_auc"] is None else f"{e['val_auc']:.4f}",
                             e["val_logloss"])
-        _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history, best)
+        _save(checkpoint_uri, fingerprint, ctx, runner, optimizer, epoch, 0, history)
     bar.close()
     penalty.remove()
     if keep_best:
         if ctx.is_main:
             logger.info("%s: keeping epoch %s (lowest validation log loss)%s", desc,
                         history.best_epoch, " after early stopping" if stopped else "")
-        return TrainResult(state=best, history=history)
-    return TrainResult(state=gather_state(runner.state_dict(), ctx), history=history)
+        if history.best_epoch != history.epochs[-1]["epoch"]:
+            state = runner.state_dict()
+            meta = load_state(best, state, ctx, BEST_KIND)
+            if meta != {"fingerprint": fingerprint, "epoch": history.best_epoch}:
+                raise ArtifactError(f"state {best}: holds epoch {meta.get('epoch')} of other "
+                                    f"work, not epoch {history.best_epoch}; rerun {desc} with "
+                                    "--force")
+            runner.load_state_dict(state)
+    return TrainResult(model=runner, history=history)
 
 
 def _mean(values: List[float]) -> float:
@@ -318,23 +337,21 @@ def _patience_spent(history: TrainHistory, patience: int) -> bool:
 
 def _validate(runner: nn.Module, dataset: CTRDataset, batch_size: int, ctx: DistContext,
               history: TrainHistory, epoch: float, train_loss: Optional[float], desc: str,
-              keep_best: bool, best: Optional[Dict[str, torch.Tensor]]
-              ) -> Optional[Dict[str, torch.Tensor]]:
-    """Scores the validation split and records it. With ``keep_best``, returns the full state
-    (rank 0) if this epoch has the lowest validation log loss so far, else ``best``; all ranks
-    decide alike, since the metrics are synchronised."""
+              keep_best: bool, best: str, fingerprint: str) -> None:
+    """Scores the validation split and records it. With ``keep_best``, saves the model's state
+    to the state directory ``best`` if this mark (an epoch, or a fraction of one for validations
+    within an epoch) has the lowest validation log loss so far; all ranks decide alike, since the
+    metrics are synchronised."""
     val = evaluate_model(runner, dataset, "val", batch_size, ctx, progress=False,
                          desc=f"{desc} validation")
     previous = {e["epoch"]: e["val_logloss"] for e in history.epochs}
     history.epochs.append({"epoch": epoch, "step": len(history.step_loss),
                            "train_loss": train_loss, "val_auc": val.auc,
                            "val_logloss": val.logloss})
-    if not keep_best:
-        return best
-    if history.best_epoch is None or val.logloss < previous[history.best_epoch]:
+    if keep_best and (history.best_epoch is None or val.logloss < previous[history.best_epoch]):
         history.best_epoch = epoch
-        return gather_state(runner.state_dict(), ctx)
-    return best
+        save_state(best, runner.state_dict(), ctx, BEST_KIND,
+                   {"fingerprint": fingerprint, "epoch": epoch})
 
 
 def _sparse_table_gradients(model: nn.Module) -> None:
@@ -450,111 +467,103 @@ def _train_step(runner: nn.Module, optimizer: KeyedOptimizer, batch: Any, ctx: D
     return loss_sum / global_batch
 
 
-def optimizer_checkpoint_uri(uri: str, step: int, rank: int) -> str:
-    """The file holding ``rank``'s optimizer state for the checkpoint ``uri`` taken at ``step``.
+def best_state_uri(checkpoint_uri: str) -> str:
+    """The state directory of the best epoch's model for the checkpoint ``checkpoint_uri``.
 
-    >>> optimizer_checkpoint_uri("runs/x/pretrain/checkpoint.mec", 40, 1)
-    'runs/x/pretrain/checkpoint.optim-step40-rank1.mec'
+    >>> best_state_uri("runs/x/pretrain/checkpoint")
+    'runs/x/pretrain/checkpoint.best'
     """
-    base = uri[: -len(".mec")] if uri.endswith(".mec") else uri
-    return f"{base}.optim-step{step}-rank{rank}.mec"
+    return f"{checkpoint_uri.rstrip('/')}.best"
+
+
+def optimizer_entries(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """An optimizer's ``state_dict()["state"]`` flattened to ``optim.<parameter>.<state>``, the
+    same names whatever the sharding: FBGEMM's fused ``<table>.momentum1`` is Adagrad's ``sum``,
+    and Adagrad's step count (which its update does not use) is left out. The values are the
+    state dict's own tensors, so loading into them fills the state dict.
+
+    >>> e = optimizer_entries({"w": {"t.momentum1": torch.zeros(2)},
+    ...                        "v": {"sum": torch.zeros(2), "step": torch.tensor(3.0)},
+    ...                        "b": {"exp_avg": torch.zeros(1), "step": torch.tensor(3.0)}})
+    >>> sorted(e)
+    ['optim.b.exp_avg', 'optim.b.step', 'optim.v.sum', 'optim.w.sum']
+    """
+    out: Dict[str, Any] = {}
+    for param, entries in state.items():
+        names = {k: "sum" if k.rsplit(".", 1)[-1] == "momentum1" else k.rsplit(".", 1)[-1]
+                 for k in entries}
+        adagrad = "sum" in names.values()
+        for key, name in names.items():
+            if not (adagrad and name == "step"):
+                out[f"optim.{param}.{name}"] = entries[key]
+    return out
 
 
 def remove_checkpoint(uri: str) -> None:
-    """Removes the checkpoint ``uri`` and every optimizer file that belongs to it."""
-    folder, name = os.path.split(uri)
-    prefix = (name[: -len(".mec")] if name.endswith(".mec") else name) + ".optim-step"
-    if g_pathmgr.isdir(folder or "."):
-        for other in g_pathmgr.ls(folder or "."):
-            if other.startswith(prefix):
-                g_pathmgr.rm(os.path.join(folder, other))
-    if g_pathmgr.exists(uri):
-        g_pathmgr.rm(uri)
+    """Removes the checkpoint ``uri`` and the best epoch's state that belongs to it."""
+    remove_state(uri)
+    remove_state(best_state_uri(uri))
 
 
 def drop_checkpoint(uri: str, ctx: DistContext) -> None:
-    """Removes the checkpoint ``uri`` and its optimizer files on rank 0, between barriers, so that
-    no rank resumes from it (``--force``)."""
+    """Removes the checkpoint ``uri`` on rank 0, between barriers, so that no rank resumes from it
+    (``--force``)."""
     barrier(ctx)
     if ctx.is_main:
         remove_checkpoint(uri)
     barrier(ctx)
 
 
+def _training_state(runner: nn.Module, optimizer: KeyedOptimizer
+                    ) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, Any]]:
+    """(entries to save or load, the model's state dict, the optimizer's) of one checkpoint."""
+    model_state = runner.state_dict()
+    optimizer_state = optimizer.state_dict()
+    entries = {f"model.{k}": v for k, v in model_state.items()}
+    entries.update(optimizer_entries(optimizer_state["state"]))
+    return entries, model_state, optimizer_state
+
+
 def _save(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
-          optimizer: KeyedOptimizer, epoch: int, step: int, history: TrainHistory,
-          best: Optional[Dict[str, torch.Tensor]]) -> None:
-    """Writes the checkpoint: each rank its optimizer state (sharded like the model), then rank 0
-    the full model state and the position, which names the optimizer files' step. A kill
-    between the two leaves the previous checkpoint and its optimizer files intact."""
-    global_step = len(history.step_loss)
-    save_artifact(optimizer_checkpoint_uri(uri, global_step, ctx.rank),
-                  local_state(optimizer.state_dict()["state"]),
-                  {"fingerprint": fingerprint, "step": global_step, "rank": ctx.rank,
-                   "world_size": ctx.world_size}, OPTIMIZER_KIND)
-    model_state = gather_state(runner.state_dict(), ctx)
-    barrier(ctx)
-    if ctx.is_main:
-        assert model_state is not None
-        previous = _checkpoint_step(uri)
-        meta = {"fingerprint": fingerprint, "world_size": ctx.world_size, "epoch": epoch,
-                "step": step, "global_step": global_step, "history": history.to_dict()}
-        tensors = {f"model.{k}": v for k, v in model_state.items()}
-        tensors.update({f"best.{k}": v for k, v in (best or {}).items()})
-        save_artifact(uri, tensors, meta, CHECKPOINT_KIND)
-        if previous is not None and previous != global_step:
-            for rank in range(ctx.world_size):
-                old = optimizer_checkpoint_uri(uri, previous, rank)
-                if g_pathmgr.exists(old):
-                    g_pathmgr.rm(old)
-    barrier(ctx)
-
-
-def _checkpoint_step(uri: str) -> Optional[int]:
-    if not g_pathmgr.exists(uri):
-        return None
-    try:
-        return int(load_artifact(uri, expect_kind=CHECKPOINT_KIND)[1]["global_step"])
-    except ArtifactError:
-        return None
+          optimizer: KeyedOptimizer, epoch: int, step: int, history: TrainHistory) -> None:
+    """Writes the checkpoint: every rank its shards of the model and optimizer state, the
+    position and history in the manifest; the previous checkpoint stays until the new one is
+    complete."""
+    entries, _, _ = _training_state(runner, optimizer)
+    meta = {"fingerprint": fingerprint, "world_size": ctx.world_size, "epoch": epoch,
+            "step": step, "global_step": len(history.step_loss), "history": history.to_dict()}
+    save_state(uri, entries, ctx, CHECKPOINT_KIND, meta)
 
 
 def _resume(uri: str, fingerprint: str, ctx: DistContext, runner: nn.Module,
             optimizer: KeyedOptimizer, own: List[KeyedOptimizer]
-            ) -> Optional[Tuple[int, int, TrainHistory, Optional[Dict[str, torch.Tensor]]]]:
-    """Loads the checkpoint at ``uri`` into ``runner`` and ``optimizer`` if it matches; returns
-    the position, the history and (on rank 0) the best state so far."""
-    if not g_pathmgr.exists(uri):
+            ) -> Optional[Tuple[int, int, TrainHistory]]:
+    """Loads the checkpoint at ``uri`` into ``runner`` and ``optimizer`` if it matches (any world
+    size may have written it); returns the position and the history."""
+    def manifest() -> Optional[Dict[str, Any]]:
+        if not os.path.isdir(uri):
+            return None
+        try:
+            return read_manifest(uri, CHECKPOINT_KIND)["meta"]
+        except ArtifactError as e:
+            raise ArtifactError(f"{e}. It is a training checkpoint: delete it to start the "
+                                "stage over, or rerun the stage with --force") from None
+
+    meta = run_on_main(manifest, ctx)
+    if meta is None:
         return None
-    tensors, meta = _load_checkpoint(uri, CHECKPOINT_KIND)
     if meta["fingerprint"] != fingerprint:
         if ctx.is_main:
             logger.warning("%s was written for other inputs or settings; starting over", uri)
         return None
-    if meta["world_size"] != ctx.world_size:
-        raise ValueError(f"checkpoint {uri} was written by {meta['world_size']} processes; "
-                         f"resume it with {meta['world_size']}, or start over with --force")
-    optim_uri = optimizer_checkpoint_uri(uri, meta["global_step"], ctx.rank)
-    optim_state, _ = _load_checkpoint(optim_uri, OPTIMIZER_KIND)
     for part in own:
         part.init_state()  # Adam's state is lazy: make it so the checkpoint can fill it
-    state = runner.state_dict()
-    load_state(state, _strip(tensors, "model."), f"checkpoint {uri}")
-    runner.load_state_dict(state)  # parts of a state dict may be copies, not views
-    optimizer_state = optimizer.state_dict()
-    load_local_state(optimizer_state["state"], optim_state, f"checkpoint {optim_uri}")
-    optimizer.load_state_dict(optimizer_state)
-    best = _strip(tensors, "best.") if ctx.is_main else None
-    return meta["epoch"], meta["step"], TrainHistory(**meta["history"]), best or None
-
-
-def _load_checkpoint(uri: str, kind: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    entries, model_state, optimizer_state = _training_state(runner, optimizer)
     try:
-        return load_artifact(uri, expect_kind=kind)
+        load_state(uri, entries, ctx, CHECKPOINT_KIND)
     except ArtifactError as e:
         raise ArtifactError(f"{e}. It is a training checkpoint: delete it to start the stage "
                             "over, or rerun the stage with --force") from None
-
-
-def _strip(tensors: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    runner.load_state_dict(model_state)  # parts of a state dict may be copies, not views
+    optimizer.load_state_dict(optimizer_state)
+    return meta["epoch"], meta["step"], TrainHistory(**meta["history"])

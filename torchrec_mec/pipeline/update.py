@@ -14,13 +14,14 @@ from typing import Any, Dict, NamedTuple
 import torch
 
 from torchrec_mec.artifacts import save_artifact
-from torchrec_mec.data import EncodedDataset
+from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import table_name
 from torchrec_mec.modules import ProductQuantizedTable
 from torchrec_mec.pipeline.outputs import (
-    CHECKPOINT_FILE,
+    CHECKPOINT_DIR,
     MODEL_FILE,
-    TABLES_FILE,
+    TABLES_DIR,
+    TABLES_MANIFEST,
     architecture,
     fingerprint,
     load_model,
@@ -35,13 +36,13 @@ PROMOTED_FILE, PROMOTED_KIND = "promoted.mec", "mec_promoted_ids"
 
 
 class UpdateOutput(NamedTuple):
-    """``mec update``'s files: the updated model (``model.mec``, ``tables.mec``, as stage 3
+    """``mec update``'s files: the updated model (``model.mec``, ``tables/``, as stage 3
     writes them) and ``promoted.mec`` (per table, the ids promoted now; its metadata the
     traffic figures).
 
     Example::
 
-        >>> UpdateOutput("r/update/model.mec", "r/update/tables.mec", "r/update/promoted.mec").promoted_uri
+        >>> UpdateOutput("r/update/model.mec", "r/update/tables/", "r/update/promoted.mec").promoted_uri
         'r/update/promoted.mec'
     """
 
@@ -66,7 +67,7 @@ def update(
     Runs in one process or under torchrun (training data-parallel through
     ``DistributedModelParallel``, tables with a fallback table-wise or data-parallel; the
     promotion on rank 0, on the unsharded model); resumes training from
-    ``out_dir/checkpoint.mec``.
+    ``out_dir/checkpoint/``.
 
     Args:
         data_dir (str): the prepared data set.
@@ -85,20 +86,21 @@ def update(
     """
     ctx = init_distributed()
     u = settings.update
-    out = UpdateOutput(*(os.path.join(out_dir, f) for f in (MODEL_FILE, TABLES_FILE, PROMOTED_FILE)))
-    checkpoint = os.path.join(out_dir, CHECKPOINT_FILE)
+    out = UpdateOutput(*(os.path.join(out_dir, f) for f in (MODEL_FILE, TABLES_DIR, PROMOTED_FILE)))
+    checkpoint = os.path.join(out_dir, CHECKPOINT_DIR)
     want = fingerprint({"update": u, "eval_batch_size": settings.evaluate.batch_size},
                        os.path.join(data_dir, "manifest.json"),
-                       os.path.join(finetune_dir, MODEL_FILE), os.path.join(finetune_dir, TABLES_FILE))
+                       os.path.join(finetune_dir, MODEL_FILE),
+                       os.path.join(finetune_dir, TABLES_MANIFEST))
     if force:
         drop_checkpoint(checkpoint, ctx)
-    dataset = EncodedDataset(data_dir)
+    dataset = open_dataset(data_dir)
     model, _ = load_model(finetune_dir)
     arch = architecture(model)  # before DMP shards the model in place
     if "new_ids" not in arch:
         raise ValueError(f"update: the fine-tuned model in {finetune_dir} has no fallback tables "
                          "for new ids; set new_ids.fallback_fraction and run finetune again")
-    state: Any = model.state_dict()
+    trained: Any = model
     history = None
     if u.epochs:
         torch.manual_seed(u.seed)
@@ -106,11 +108,12 @@ def update(
                              checkpoint_uri=checkpoint, fingerprint=want,
                              eval_batch_size=settings.evaluate.batch_size, desc="update",
                              progress=progress, split=u.split, validate=False)
-        state, history = result.state, result.history.to_dict()
+        history = result.history.to_dict()
+        if ctx.distributed:  # the trained shards, brought together through the stage's folder
+            save_model(out_dir, result.model.state_dict(), arch, {"stage": "update"}, ctx)
     if ctx.is_main:
-        assert state is not None
-        trained, _ = load_model(finetune_dir)  # unsharded, whatever training ran under
-        trained.load_state_dict(state)
+        if u.epochs and ctx.distributed:
+            trained, _ = load_model(out_dir)  # unsharded: promotion runs in one process
         qebc = trained.embedding_bag_collection
         counts = {table_name(f): c for f, c in dataset.id_counts(u.split).items()}
         promoted = promote_frequent(qebc, counts, u.min_count)

@@ -85,6 +85,7 @@ def quantize_tables(
     overwrite: bool = False,
     progress: bool = True,
     shapes: Optional[Mapping[str, Optional[Tuple[int, int]]]] = None,
+    num_rows: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, Optional[QuantizeResult]]:
     """Quantizes every table with at least ``min_rows`` rows, with ``config``'s M and K, or
     the tables ``shapes`` names, each with its own (M, K); the others are kept full.
@@ -95,9 +96,11 @@ def quantize_tables(
     resumes from ``<out_dir>/<name>.mec.ckpt``, its last epoch checkpoint.
 
     With ``torch.distributed`` initialised, rank r quantizes its share of the tables (largest
-    first, balanced by rows, see :func:`assign_tables`), then all ranks meet at a barrier and
-    each loads every artifact. No collective touches the numerics, so the results equal a
-    single-process run with the same seeds (and the same torch thread count per process).
+    first, balanced by rows, see :func:`assign_tables`), reading ``tables[name]`` only for those
+    (a mapping that loads on access keeps one table in memory at a time), then all ranks meet
+    at a barrier and each loads every artifact (codes and codebooks). No collective touches the
+    numerics, so the results equal a single-process run with the same seeds (and the same torch
+    thread count per process).
 
     Args:
         tables (Mapping[str, Tuple[Tensor, Tensor]]): table name -> (weight [N, D], counts [N]).
@@ -111,6 +114,8 @@ def quantize_tables(
         shapes (Optional[Mapping[str, Optional[Tuple[int, int]]]]): per table, (M, K) or None
             (kept full), e.g. from ``torchrec_mec.quantize.budget.plan_tables``; replaces
             ``min_rows`` and ``config``'s M and K. Tables it does not name are kept full.
+        num_rows (Optional[Mapping[str, int]]): every table's rows, when ``tables`` loads
+            tables on access (else read from the weights).
 
     Returns:
         Dict[str, Optional[QuantizeResult]]: per table in ``tables``; None means kept full.
@@ -134,7 +139,8 @@ def quantize_tables(
     for name in tables:
         if not _TABLE_NAME.fullmatch(name):
             raise ValueError(f"table {name!r}: names may hold only letters, digits, '_', '.', '-'")
-    rows = {name: int(weight.shape[0]) for name, (weight, _) in tables.items()}
+    rows = dict(num_rows) if num_rows is not None else {
+        name: int(weight.shape[0]) for name, (weight, _) in tables.items()}
     if shapes is None:
         compressed = {name: n for name, n in rows.items() if n >= min_rows}
         for name in rows.keys() - compressed.keys():
@@ -154,10 +160,12 @@ def quantize_tables(
                                          num_subspaces=shape[name][0],
                                          codebook_size=shape[name][1])
                for name in compressed}
-    fingerprints = {name: table_fingerprint(*tables[name], configs[name]) for name in compressed}
+    fingerprints: Dict[str, str] = {}
 
     mine: List[str] = [name for name in owner if owner[name] == rank]  # largest first
     for name in mine:
+        weight, counts = tables[name]
+        fingerprints[name] = table_fingerprint(weight, counts, configs[name])
         uri = artifact_uri(out_dir, name)
         checkpoint = f"{out_dir.rstrip('/')}/{name}{CHECKPOINT_SUFFIX}"
         if overwrite and g_pathmgr.exists(checkpoint):
@@ -168,7 +176,6 @@ def quantize_tables(
                 logger.info("table %r: %s is up to date, skipped", name, uri)
                 continue
             logger.info("table %r: %s is stale (other data or config), redoing it", name, uri)
-        weight, counts = tables[name]
         result = quantize_table(weight, counts, configs[name], name=name,
                                 checkpoint_uri=checkpoint, progress=progress)
         meta = {
@@ -182,11 +189,12 @@ def quantize_tables(
                       ARTIFACT_KIND)
         if g_pathmgr.exists(checkpoint):
             g_pathmgr.rm(checkpoint)
+        del weight, counts
 
     if distributed:
         dist.barrier()
     return {
-        name: (load_quantized_table(artifact_uri(out_dir, name), fingerprints[name])
+        name: (load_quantized_table(artifact_uri(out_dir, name), fingerprints.get(name))
                if name in compressed else None)
         for name in tables
     }
