@@ -24,3 +24,15 @@ def test_missing_torchrec_or_fbgemm_names_the_install_command(missing, command):
                           text=True, timeout=300)
     assert done.returncode == 1
     assert f"torchrec-mec needs {missing}, which is not installed: {command}" in done.stderr
+
+
+def test_another_torchrec_minor_version_names_the_install_command():
+    # A fresh interpreter where torchrec reports another minor version than the tested one.
+    code = ("import torchrec\n"
+            "torchrec.__version__ = '1.9.0'\n"
+            "import torchrec_mec\n")
+    done = subprocess.run([sys.executable, "-c", code], env=repo_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1
+    assert ("torchrec-mec is tested with torchrec 1.8.*, found 1.9.0: "
+            'pip install --no-deps "torchrec>=1.8,<1.9"') in done.stderr
