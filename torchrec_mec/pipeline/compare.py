@@ -206,8 +206,7 @@ class _Job:
                              checkpoint_uri=os.path.join(self.work(cell), CHECKPOINT_DIR),
                              fingerprint=key, eval_batch_size=self.settings.evaluate.batch_size,
                              desc=f"compare {cell.name}", progress=False, start_competes=False)
-        if result.model is not model:  # one process trains the model itself (checked up front)
-            model.load_state_dict(result.model.state_dict())
+        assert result.model is model  # one process trains the model in place (checked up front)
         return result.history.best_epoch
 
 
