@@ -13,6 +13,12 @@ plain tensors in one process. The whole directory is written under ``<dir>.tmp``
 every rank's shards and the manifest are on disk, so a reader never sees a half-written state
 under the final name, and a kill mid-write leaves the previous one intact. Before a state is
 trusted, every file is checked against the manifest (:func:`verify_state`).
+
+Saving holds no second copy of the state: FBGEMM keeps all of a rank's tables (and their
+optimizer state) in one flat buffer, and a state dict's tensors are views of it. DCP's file
+writer clones a tensor whose storage is larger than the tensor and keeps every clone until the
+rank's file is written, so a rank held its state twice while saving; :class:`_AliasingPlanner`
+hands it such a view as an alias that owns exactly its bytes instead (nothing copied).
 """
 import contextlib
 import hashlib
@@ -25,8 +31,9 @@ from typing import Any, Dict, Iterator, Mapping, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.planner import WriteItem
 
 from torchrec_mec.artifacts import ArtifactError
 from torchrec_mec.data._files import sha256_file
@@ -60,7 +67,8 @@ def save_state(uri: str, state: Mapping[str, Any], ctx: DistContext, kind: str,
         shutil.rmtree(tmp)
     barrier(ctx)
     with _quiet():
-        dcp.save(dict(state), checkpoint_id=tmp, no_dist=not ctx.distributed)
+        dcp.save(dict(state), checkpoint_id=tmp, no_dist=not ctx.distributed,
+                 planner=_AliasingPlanner())
 
     def publish() -> None:
         _drop_save_identity(os.path.join(tmp, ".metadata"))
@@ -173,6 +181,36 @@ def remove_state(uri: str) -> None:
     for path in (uri, f"{uri.rstrip('/')}.tmp"):
         if os.path.isdir(path):
             shutil.rmtree(path)
+
+
+class _AliasingPlanner(DefaultSavePlanner):
+    """DCP's default save planner, except that a contiguous CPU tensor viewing a larger storage
+    is resolved to :func:`own_bytes` of it, so that the file writer, which clones such views
+    and keeps the clones until the rank's file is complete, writes it without a copy."""
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        return own_bytes(super().resolve_data(write_item))
+
+
+def own_bytes(value: Any) -> Any:
+    """``value`` as a tensor whose storage is exactly its own bytes, sharing its memory, when it
+    is a contiguous CPU view of a larger storage; anything else as it is (a dtype NumPy lacks,
+    such as bfloat16, too: DCP then copies it).
+
+    Example::
+
+        >>> flat = torch.zeros(6, 2)
+        >>> rows = own_bytes(flat[2:4])
+        >>> rows.untyped_storage().nbytes(), rows.data_ptr() == flat[2:4].data_ptr()
+        (16, True)
+    """
+    if (not isinstance(value, torch.Tensor) or value.device.type != "cpu"
+            or not value.is_contiguous() or value.untyped_storage().nbytes() == value.nbytes):
+        return value
+    try:
+        return torch.from_numpy(value.detach().numpy())  # keeps ``value`` alive
+    except TypeError:
+        return value
 
 
 def _drop_save_identity(path: str) -> None:
