@@ -13,9 +13,11 @@ tables (``--tables`` x ``--rows`` x ``--dim``, float32) are large and whose rows
 is memory, not AUC), each stage a fresh job of 2 gloo ranks; then finetune and evaluate again in
 1 process from the same pre-training and compression. Prints each rank's peak RSS per stage
 against the tables' total and the target (0.6 x tables + 1 GiB), and both evaluations' metrics.
+``--embedding-optimizer rowwise_adagrad`` pre-trains with one Adagrad value per row instead of
+one per element.
 
     PYTHONPATH=. .venv/bin/python benchmarks/scale.py --pipeline /tmp/scale --tables 4 \
-        --rows 4000000 --dim 128
+        --rows 4194304 --dim 128 --embedding-optimizer rowwise_adagrad
 """
 import argparse
 import json
@@ -30,6 +32,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_mec import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
+from torchrec_mec.pipeline.optimizers import EMBEDDING_OPTIMIZERS
 
 META = torch.device("meta")
 
@@ -96,6 +99,7 @@ def _settings(args: Dict[str, Any]) -> Any:
         "data.synthetic.table_sizes": [args["rows"] - 1] * args["tables"],
         "data.synthetic.num_dense": 4,
         "pretrain.epochs": 1, "pretrain.batch_size": 512, "pretrain.keep_best": False,
+        "pretrain.embedding_optimizer": args["embedding_optimizer"],
         "finetune.epochs": 1, "finetune.batch_size": 512, "finetune.keep_best": False,
         "evaluate.batch_size": 1024, "compress.min_rows": 1000,
         "compress.quantizer": {"num_subspaces": 16, "codebook_size": 256, "epochs": 1,
@@ -111,7 +115,7 @@ def pipeline(args: argparse.Namespace) -> None:
     from torchrec_mec.pipeline import read_metrics
 
     conf = {"dir": args.pipeline, "rows": args.rows, "tables": args.tables, "dim": args.dim,
-            "data_rows": args.data_rows}
+            "data_rows": args.data_rows, "embedding_optimizer": args.embedding_optimizer}
     settings = _settings(conf)
     prepare_dataset(None, "synthetic", os.path.join(args.pipeline, "data"), progress=False,
                     synthetic=settings.data.synthetic)
@@ -127,7 +131,8 @@ def pipeline(args: argparse.Namespace) -> None:
                 rows.append({"stage": stage, "world_size": world_size, "rank": rank,
                              **json.load(f)})
     print(f"{args.tables} tables x {args.rows:,} rows x {args.dim} float32 = "
-          f"{total / 2**30:.2f} GiB; {args.data_rows:,} data rows; target per rank "
+          f"{total / 2**30:.2f} GiB; {args.data_rows:,} data rows; pre-trained with "
+          f"{args.embedding_optimizer}; target per rank "
           f"0.6 x tables + 1 GiB = {(0.6 * total + 2**30) / 2**30:.2f} GiB")
     print("| stage | processes | rank | peak RSS GiB | / tables | within target | seconds |")
     print("|---|---|---|---|---|---|---|")
@@ -159,6 +164,9 @@ def main() -> None:
                         help="run the stages on 2 (and 1) processes in DIR, print peak RSS")
     parser.add_argument("--data-rows", type=int, default=4000,
                         help="generated data rows of --pipeline")
+    parser.add_argument("--embedding-optimizer", default="adagrad",
+                        choices=EMBEDDING_OPTIMIZERS,
+                        help="pre-training's pretrain.embedding_optimizer (--pipeline)")
     args = parser.parse_args()
     if args.pipeline:
         pipeline(args)

@@ -25,6 +25,9 @@ def test_stage1_defaults_choose_the_batch_and_stop_early():
     s = load_settings("sample", overrides={"pretrain.embedding_l2": "1e-5"})
     assert (s.pretrain.batch_size, s.pretrain.patience, s.pretrain.embedding_l2) == (256, 1, 1e-5)
     assert s.pretrain.global_batch_size(10**9) == 256
+    assert s.pretrain.embedding_optimizer == "adagrad"
+    assert load_settings(overrides={"pretrain.embedding_optimizer": "rowwise_adagrad"}
+                         ).pretrain.embedding_optimizer == "rowwise_adagrad"
     with pytest.raises(SettingsError, match="patience and validate_every >= 0"):
         load_settings(overrides={"pretrain.patience": -1})
 
@@ -59,6 +62,9 @@ def test_overrides_are_typed():
     ({"compress.min_rows": 100}, r"min_rows \(100\) must be >= the codebook size \(256\)"),
     ({"data.split": "[0.5, 0.5]"}, "'data.split' must have 3 entries"),
     ({"model": 1}, "'model' is a section"),
+    ({"pretrain.embedding_optimizer": "adam"}, "embedding_optimizer must be one of"),
+    ({"finetune.embedding_optimizer": "rowwise_adagrad"},
+     "finetune.embedding_optimizer: only adagrad"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(SettingsError, match=message):

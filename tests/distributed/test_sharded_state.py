@@ -20,13 +20,16 @@ from torchrec_mec.pipeline.compress import TablesOnDisk
 from torchrec_mec.pipeline.outputs import (
     COUNTS_FILE,
     COUNTS_KIND,
+    EMBEDDING_PREFIX,
     META,
     architecture,
     save_model,
 )
+from torchrec_mec.pipeline.optimizers import ROWWISE_ADAGRAD
 from torchrec_mec.pipeline.parallel import DistContext
 from torchrec_mec.pipeline.pretrain import init_tables
 from torchrec_mec.pipeline.settings import TrainSettings
+from torchrec_mec.pipeline.state_dirs import state_shapes
 from torchrec_mec.pipeline.training import train_model
 from torchrec_mec.quantize.driver import assign_tables
 
@@ -34,9 +37,11 @@ SEED = 3
 CONFIG = ModelConfig(embedding_dim=8, dense_hidden_sizes=(16,), over_hidden_sizes=(16,))
 
 
-def _train(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, out: str) -> None:
+def _train(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, out: str,
+           optimizer: str = "adagrad") -> None:
     """Stage 1's training (tables initialised shard by shard) for ``epochs`` epochs, resuming
-    from ``checkpoint`` whatever world size wrote it; the model saved to ``out``."""
+    from ``checkpoint`` whatever world size wrote it; the model saved to ``out``. ``optimizer``:
+    the tables' (``TrainSettings.embedding_optimizer``)."""
     ctx = DistContext(rank, world_size, torch.device("cpu"))
     dataset = EncodedDataset(data)
     torch.manual_seed(SEED)
@@ -45,7 +50,8 @@ def _train(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, 
     arch = architecture(model)
     bounds = {c.name: (c.get_weight_init_min(), c.get_weight_init_max())
               for c in model.embedding_bag_collection.embedding_bag_configs()}
-    settings = TrainSettings(epochs=epochs, batch_size=128, seed=SEED, keep_best=True)
+    settings = TrainSettings(epochs=epochs, batch_size=128, seed=SEED, keep_best=True,
+                             embedding_optimizer=optimizer)
     result = train_model(model, dataset, settings, ctx=ctx, checkpoint_uri=checkpoint,
                          fingerprint="same work", eval_batch_size=256,
                          restore=lambda runner, _: init_tables(runner, bounds, SEED),
@@ -103,6 +109,28 @@ def test_checkpoint_of_one_process_resumes_on_two_ranks(data_and_reference):
         assert json.load(f)["meta"]["world_size"] == 1
     run_on_ranks(_train, data, checkpoint, 2, str(root / "resumed_2"), world_size=2)
     _assert_same(str(root / "ref"), str(root / "resumed_2"))
+
+
+def test_rowwise_adagrad_checkpoint_of_two_ranks_resumes_in_one_process(data_and_reference):
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD on 2 ranks for an epoch, then optimizers.RowWiseAdagrad
+    in 1 process from that checkpoint, ends where 1 process alone does: the same update, and
+    its state (one value per row, under the unsharded name) reshards 2 -> 1."""
+    root, data = data_and_reference
+    ref, checkpoint = str(root / "ref_rowwise"), str(root / "ckpt_rowwise_2_to_1")
+    _one_process(data, str(root / "ref_rowwise_ckpt"), 2, ref, ROWWISE_ADAGRAD)
+    run_on_ranks(_train, data, checkpoint, 1, str(root / "half_rowwise_2"), ROWWISE_ADAGRAD,
+                 world_size=2)
+    rows = EncodedDataset(data).num_embeddings
+    sums = {k: shape for k, (shape, _) in state_shapes(checkpoint).items()
+            if k.startswith("optim.") and k.endswith(".sum") and "embedding_bags." in k}
+    assert sums == {f"optim.{EMBEDDING_PREFIX}embedding_bags.{table_name(f)}.weight.sum": (n,)
+                    for f, n in rows.items()}
+    _one_process(data, checkpoint, 2, str(root / "resumed_rowwise_1"), ROWWISE_ADAGRAD)
+    _assert_same(ref, str(root / "resumed_rowwise_1"))
+    adagrad, rowwise = load_model(str(root / "ref"))[0], load_model(ref)[0]
+    table = f"{EMBEDDING_PREFIX}embedding_bags.t_C1.weight"
+    assert not torch.allclose(adagrad.state_dict()[table], rowwise.state_dict()[table],
+                              atol=1e-4)  # the setting changes the update
 
 
 def _compress_and_record(rank: int, world_size: int, pretrain_dir: str, out: str) -> None:

@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 
+from torchrec_mec.pipeline.optimizers import ROWWISE_ADAGRAD
+
 T = TypeVar("T")
 EMBEDDING_ADAGRAD_EPS = 1e-8
 """Adagrad's eps for embeddings, the same in FBGEMM's fused kernel and ``torch.optim.Adagrad``."""
@@ -99,13 +101,16 @@ def run_on_main(fn: Callable[[], T], ctx: DistContext) -> T:
     return cast(T, result)
 
 
-def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: Optional[float]) -> nn.Module:
+def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: Optional[float],
+                embedding_optimizer: str = "adagrad") -> nn.Module:
     """Wraps ``model`` in ``DistributedModelParallel`` with this package's sharders.
 
     The one place that chooses sharders: TorchRec's ``EmbeddingBagCollectionSharder`` and, for
     the compressed collection, ``QuantizedEmbeddingBagCollectionSharder``, both with Adagrad
     fused into the backward pass (FBGEMM's ``EXACT_ADAGRAD``; ``torch.optim.Adagrad`` for
-    codebooks), the same update as the unsharded path's ``torch.optim.Adagrad``. DMP re-initialises
+    codebooks), the same update as the unsharded path's ``torch.optim.Adagrad``; with
+    ``embedding_optimizer="rowwise_adagrad"``, FBGEMM's ``EXACT_ROWWISE_ADAGRAD``, the unsharded
+    path's ``optimizers.RowWiseAdagrad``. ``embedding_lr`` None: no training (evaluation). DMP re-initialises
     sharded tables, so the caller loads the model's state afterwards (``load_full_state``,
     ``state_dirs.load_state``). Tables
     with a fallback for new ids are planned table-wise or data-parallel (``new_id_constraints``).
@@ -118,8 +123,9 @@ def shard_model(model: nn.Module, ctx: DistContext, embedding_lr: Optional[float
 
     fused: Dict[str, Any] = (
         {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0} if embedding_lr is None
-        else {"optimizer": EmbOptimType.EXACT_ADAGRAD, "learning_rate": embedding_lr,
-              "eps": EMBEDDING_ADAGRAD_EPS})
+        else {"optimizer": EmbOptimType.EXACT_ROWWISE_ADAGRAD
+              if embedding_optimizer == ROWWISE_ADAGRAD else EmbOptimType.EXACT_ADAGRAD,
+              "learning_rate": embedding_lr, "eps": EMBEDDING_ADAGRAD_EPS})
     sharders: List[Any] = [EmbeddingBagCollectionSharder(fused_params=fused)]
     if any(isinstance(m, QuantizedEmbeddingBagCollection) for m in model.modules()):
         try:

@@ -28,6 +28,7 @@ from torchrec_mec.models import ModelConfig
 from torchrec_mec.modules.quantized_embedding_configs import MAX_CODEBOOK_SIZE
 from torchrec_mec.quantize.budget import DEFAULT_CODEBOOK_SIZES, check_ratio
 from torchrec_mec.quantize.config import MECConfig
+from torchrec_mec.pipeline.optimizers import EMBEDDING_OPTIMIZERS
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class TrainSettings:
             up (the squared norm of every sample's pooled embeddings, averaged over the batch
             and added to the loss; ``training.EmbeddingPenalty``). For fine-tuning, it acts on
             codebooks and full tables.
+        embedding_optimizer (str): the tables' Adagrad: ``adagrad`` (one accumulator per
+            element: as much state as the tables) or ``rowwise_adagrad`` (one per row, 1/D of
+            that: FBGEMM's ``EXACT_ROWWISE_ADAGRAD`` when sharded, ``optimizers.RowWiseAdagrad``
+            in one process). Stage 1 only: fine-tuning trains codebooks with ``adagrad``.
 
     Example::
 
@@ -120,8 +125,12 @@ class TrainSettings:
     patience: int = 0
     validate_every: int = 0
     embedding_l2: float = 0.0
+    embedding_optimizer: str = "adagrad"
 
     def __post_init__(self) -> None:
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer must be one of {EMBEDDING_OPTIMIZERS}, got "
+                             f"{self.embedding_optimizer!r}")
         if self.epochs < 1 or min(self.batch_size, self.checkpoint_every, self.patience,
                                   self.validate_every) < 0:
             raise ValueError("need epochs >= 1, and batch_size, checkpoint_every, patience and "
@@ -178,6 +187,9 @@ class FinetuneSettings(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.embedding_optimizer != "adagrad":
+            raise ValueError("finetune.embedding_optimizer: only adagrad (fine-tuning trains "
+                             f"codebooks), got {self.embedding_optimizer!r}")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
 

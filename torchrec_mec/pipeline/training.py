@@ -34,6 +34,7 @@ from torchrec_mec.artifacts import ArtifactError
 from torchrec_mec.data import CTRDataset
 from torchrec_mec.models import CTRModel
 from torchrec_mec.pipeline.evaluate import evaluate_model
+from torchrec_mec.pipeline.optimizers import ROWWISE_ADAGRAD, RowWiseAdagrad
 from torchrec_mec.pipeline.parallel import (
     EMBEDDING_ADAGRAD_EPS,
     DistContext,
@@ -118,7 +119,8 @@ class TrainResult:
 
 def build_optimizer(module: nn.Module, settings: TrainSettings) -> Tuple[KeyedOptimizer,
                                                                           List[KeyedOptimizer]]:
-    """Adam for dense parameters, Adagrad for embedding tables and codebooks.
+    """Adam for dense parameters, Adagrad for embedding tables and codebooks (row-wise with
+    ``settings.embedding_optimizer="rowwise_adagrad"``).
 
     Parameters of sharded tables are updated inside the backward pass by FBGEMM (the fused
     optimizer ``DistributedModelParallel`` exposes); the rest get ordinary optimizers.
@@ -135,7 +137,11 @@ def build_optimizer(module: nn.Module, settings: TrainSettings) -> Tuple[KeyedOp
     if dense:
         own.append(KeyedOptimizerWrapper(
             dense, lambda ps: torch.optim.Adam(ps, lr=settings.dense_lr)))
-    if embedding:
+    if embedding and settings.embedding_optimizer == ROWWISE_ADAGRAD:
+        own.append(KeyedOptimizerWrapper(
+            embedding, lambda ps: RowWiseAdagrad(ps, lr=settings.embedding_lr,
+                                                 eps=EMBEDDING_ADAGRAD_EPS)))
+    elif embedding:
         own.append(KeyedOptimizerWrapper(
             embedding, lambda ps: torch.optim.Adagrad(ps, lr=settings.embedding_lr,
                                                       eps=EMBEDDING_ADAGRAD_EPS)))
@@ -218,7 +224,7 @@ def train_model(
     runner: nn.Module = model
     if ctx.distributed:
         initial = None if restore is not None else model.state_dict()
-        runner = shard_model(model, ctx, settings.embedding_lr)
+        runner = shard_model(model, ctx, settings.embedding_lr, settings.embedding_optimizer)
         if initial is not None:
             state = runner.state_dict()
             load_full_state(state, initial, "the initial model")
