@@ -29,19 +29,33 @@ from torchrec_mec.pipeline.optimizers import ROWWISE_ADAGRAD
 from torchrec_mec.pipeline.parallel import DistContext
 from torchrec_mec.pipeline.pretrain import init_tables
 from torchrec_mec.pipeline.settings import TrainSettings
+from torchrec_mec.pipeline import state_dirs
 from torchrec_mec.pipeline.state_dirs import state_shapes
 from torchrec_mec.pipeline.training import train_model
 from torchrec_mec.quantize.driver import assign_tables
 
 SEED = 3
 CONFIG = ModelConfig(embedding_dim=8, dense_hidden_sizes=(16,), over_hidden_sizes=(16,))
+SMALL_ITEMS = 37 * 8 * 4
+"""37 rows of D = 8: items that do not align with the shards of 2 ranks."""
 
 
 def _train(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, out: str,
            optimizer: str = "adagrad") -> None:
     """Stage 1's training (tables initialised shard by shard) for ``epochs`` epochs, resuming
     from ``checkpoint`` whatever world size wrote it; the model saved to ``out``. ``optimizer``:
-    the tables' (``TrainSettings.embedding_optimizer``)."""
+    the tables' (``TrainSettings.embedding_optimizer``). States are saved in items of
+    ``SMALL_ITEMS`` bytes, so that every table is split into row ranges that the other world
+    size reads back across its own shards."""
+    chunk_bytes, state_dirs.SAVE_CHUNK_BYTES = state_dirs.SAVE_CHUNK_BYTES, SMALL_ITEMS
+    try:
+        _train_with(rank, world_size, data, checkpoint, epochs, out, optimizer)
+    finally:
+        state_dirs.SAVE_CHUNK_BYTES = chunk_bytes
+
+
+def _train_with(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, out: str,
+                optimizer: str) -> None:
     ctx = DistContext(rank, world_size, torch.device("cpu"))
     dataset = EncodedDataset(data)
     torch.manual_seed(SEED)

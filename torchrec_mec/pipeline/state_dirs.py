@@ -14,26 +14,37 @@ every rank's shards and the manifest are on disk, so a reader never sees a half-
 under the final name, and a kill mid-write leaves the previous one intact. Before a state is
 trusted, every file is checked against the manifest (:func:`verify_state`).
 
-Saving holds no second copy of the state: FBGEMM keeps all of a rank's tables (and their
-optimizer state) in one flat buffer, and a state dict's tensors are views of it. DCP's file
-writer clones a tensor whose storage is larger than the tensor and keeps every clone until the
-rank's file is written, so a rank held its state twice while saving; :class:`_AliasingPlanner`
-hands it such a view as an alias that owns exactly its bytes instead (nothing copied).
+Neither saving nor loading holds a second copy of the state (:class:`_StatePlanner`):
+
+- FBGEMM keeps all of a rank's tables (and their optimizer state) in one flat buffer, and a
+  state dict's tensors are views of it. DCP's file writer clones a tensor whose storage is larger
+  than the tensor and keeps every clone until the rank's file is written, so a rank held its
+  state twice while saving; such a view is handed to it as an alias that owns exactly its bytes
+  instead (nothing copied).
+- DCP's reader loads a saved item whole before copying the part it needs into its destination;
+  every tensor is saved in items of at most :data:`SAVE_CHUNK_BYTES` (row ranges), so reading
+  a table needs that much beside it, not a copy of the table.
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import pickle
 import shutil
 import warnings
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.planner import WriteItem
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from torchrec_mec.artifacts import ArtifactError
 from torchrec_mec.data._files import sha256_file
@@ -42,6 +53,8 @@ from torchrec_mec.pipeline.parallel import DistContext, barrier, run_on_main
 STATE_FORMAT = "torchrec_mec-state"
 STATE_VERSION = 1
 MANIFEST = "manifest.json"
+SAVE_CHUNK_BYTES = 64 << 20
+"""The largest item a state directory holds: what reading one costs beside its destination."""
 ONE_PROCESS = DistContext(rank=0, world_size=1, device=torch.device("cpu"))
 """The context of a state read or written by one rank alone (no collective)."""
 
@@ -68,7 +81,7 @@ def save_state(uri: str, state: Mapping[str, Any], ctx: DistContext, kind: str,
     barrier(ctx)
     with _quiet():
         dcp.save(dict(state), checkpoint_id=tmp, no_dist=not ctx.distributed,
-                 planner=_AliasingPlanner())
+                 planner=_StatePlanner())
 
     def publish() -> None:
         _drop_save_identity(os.path.join(tmp, ".metadata"))
@@ -183,13 +196,49 @@ def remove_state(uri: str) -> None:
             shutil.rmtree(path)
 
 
-class _AliasingPlanner(DefaultSavePlanner):
-    """DCP's default save planner, except that a contiguous CPU tensor viewing a larger storage
-    is resolved to :func:`own_bytes` of it, so that the file writer, which clones such views
-    and keeps the clones until the rank's file is complete, writes it without a copy."""
+class _StatePlanner(DefaultSavePlanner):
+    """DCP's default save planner, except that every tensor item larger than
+    :data:`SAVE_CHUNK_BYTES` is split into row ranges (items of their own, read back one by
+    one), and an item viewing a larger storage is resolved to :func:`own_bytes` of it, so
+    that the file writer, which clones such views and keeps the clones until the rank's file is
+    complete, writes it without a copy."""
+
+    def create_local_plan(self) -> SavePlan:
+        plan = super().create_local_plan()
+        self._parts: Dict[Tuple[str, Tuple[int, ...]], Tuple[MetadataIndex, int, int]] = {}
+        items = [part for item in plan.items for part in self._split(item)]
+        self.plan = dataclasses.replace(plan, items=items)
+        return self.plan
+
+    def _split(self, item: WriteItem) -> List[WriteItem]:
+        data = item.tensor_data
+        if data is None or len(data.chunk.sizes) == 0 or data.chunk.sizes[0] == 0:
+            return [item]
+        rows = data.chunk.sizes[0]
+        row_bytes = (math.prod(data.chunk.sizes[1:])
+                     * torch._utils._element_size(data.properties.dtype))
+        step = max(1, SAVE_CHUNK_BYTES // max(row_bytes, 1))
+        if rows <= step:
+            return [item]
+        parts = []
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            offsets = torch.Size([data.chunk.offsets[0] + start, *data.chunk.offsets[1:]])
+            chunk = ChunkStorageMetadata(offsets=offsets,
+                                         sizes=torch.Size([n, *data.chunk.sizes[1:]]))
+            self._parts[(item.index.fqn, tuple(offsets))] = (item.index, start, n)
+            parts.append(WriteItem(index=MetadataIndex(item.index.fqn, offsets),
+                                   type=WriteItemType.SHARD,
+                                   tensor_data=dataclasses.replace(data, chunk=chunk)))
+        return parts
 
     def resolve_data(self, write_item: WriteItem) -> Any:
-        return own_bytes(super().resolve_data(write_item))
+        index = write_item.index
+        part = self._parts.get((index.fqn, tuple(index.offset or ())))
+        if part is None:
+            return own_bytes(super().resolve_data(write_item))
+        whole, start, rows = part
+        return own_bytes(self.lookup_object(whole).detach().narrow(0, start, rows))
 
 
 def own_bytes(value: Any) -> Any:
