@@ -14,11 +14,15 @@ from torchrec_mec.quantize.budget import (
     BudgetError,
     TableCosts,
     TableOption,
+    affordable_shapes,
     allocate,
     candidate_shapes,
     estimate_errors,
+    plan_tables,
     table_bytes,
 )
+from torchrec_mec.quantize.driver import table_seed
+from torchrec_mec.quantize.quantize_table import row_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
@@ -152,3 +156,58 @@ def test_estimates_track_the_quantizers_traffic_error():
         # per lookup, summed over the D dims (traffic_mse is per element)
         actual = res.stats.traffic_mse * 8
         assert abs(opt.error - actual) < 0.2 * actual, (m, k, opt.error, actual)
+
+
+def test_affordable_shapes_drop_only_shapes_no_plan_can_hold():
+    sizes = {"a": (5_000, 8), "b": (3_000, 8), "c": (40, 8), "d": (10, 8)}
+    ratio = 12.0
+    budget = sum(n * d * 4 for n, d in sizes.values()) / ratio
+    affordable = affordable_shapes(sizes, ratio, codebook_sizes=(16, 256))
+    smallest = {t: min([table_bytes(n, d, 0, 0)] + [table_bytes(n, d, m, k) for m, k in
+                                                      candidate_shapes(n, d, (16, 256))])
+                for t, (n, d) in sizes.items()}
+    for t, (n, d) in sizes.items():
+        others = sum(smallest.values()) - smallest[t]
+        for m, k in candidate_shapes(n, d, (16, 256)):
+            # kept exactly when it fits beside every other table at its smallest option
+            assert ((m, k) in affordable[t]) == (table_bytes(n, d, m, k) + others <= budget)
+    assert affordable["a"] and len(affordable["a"]) < len(candidate_shapes(5_000, 8, (16, 256)))
+    with pytest.raises(BudgetError, match="cannot be met"):
+        affordable_shapes(sizes, 1_000.0)
+
+
+def test_an_estimate_does_not_depend_on_the_other_shapes():
+    g = torch.Generator().manual_seed(3)
+    weight, counts = torch.randn(3_000, 8, generator=g), torch.randint(0, 20, (3_000,))
+    shapes = [(1, 16), (2, 64), (4, 16)]
+    together = estimate_errors(weight, counts, shapes, sample_rows=2_000,
+                               generator=torch.Generator().manual_seed(1))
+    for shape, expected in zip(shapes, together):
+        alone = estimate_errors(weight, counts, [shape], sample_rows=2_000,
+                                generator=torch.Generator().manual_seed(1))
+        assert alone == [expected]
+
+
+@pytest.mark.parametrize("ratio", [4.0, 10.0, 16.0])
+def test_plan_tables_equals_the_allocation_over_every_candidate(ratio):
+    # Reference: estimate every candidate shape (no pruning), then allocate.
+    g = torch.Generator().manual_seed(0)
+    tables = {name: (torch.randn(n, 8, generator=g), torch.randint(0, 30, (n,)))
+              for name, n in {"big": 2_000, "mid": 600, "small": 200, "tiny": 12}.items()}
+    config, sizes = MECConfig(), (16, 64)
+    costs = {}
+    for name, (w, c) in tables.items():
+        shapes = candidate_shapes(*w.shape, codebook_sizes=sizes)
+        options = estimate_errors(
+            w, c, shapes, fit_weights=row_weights(c, config.weighting),
+            generator=torch.Generator().manual_seed(table_seed(config.seed, name)),
+            sample_rows=64 * max(k for _, k in shapes)) if shapes else []
+        costs[name] = TableCosts(table_bytes(*w.shape, 0, 0), tuple(options))
+    plan = plan_tables(tables, config, ratio, codebook_sizes=sizes, progress=False)
+    assert plan == allocate(costs, ratio)
+    assert any(o.compressed for o in plan.values())
+    # ... where, at the higher ratios, some candidates were not estimated (pruned)
+    affordable = affordable_shapes({t: tuple(w.shape) for t, (w, _) in tables.items()}, ratio,
+                                   sizes)
+    pruned = sum(len(c.options) for c in costs.values()) - sum(map(len, affordable.values()))
+    assert pruned > 0 if ratio >= 10 else pruned == 0

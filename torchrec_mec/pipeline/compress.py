@@ -153,12 +153,12 @@ def _plan(
     and saved on rank 0, read by all; a saved plan for the same inputs and settings is reused."""
     s = settings.compress
     assert s.target_ratio is not None  # a plan is made only for a target ratio
-    check_ratio({t: (shape[0], shape[1]) for t, shape in tables.shapes.items()}, s.target_ratio,
-                s.codebook_sizes)
+    sizes = {t: (shape[0], shape[1]) for t, shape in tables.shapes.items()}
+    check_ratio(sizes, s.target_ratio, s.codebook_sizes)
     if ctx.is_main and (force or not g_pathmgr.exists(uri)
                         or load_artifact(uri, expect_kind=PLAN_KIND)[1]["fingerprint"] != key):
         plan = plan_tables(tables, s.config, s.target_ratio, codebook_sizes=s.codebook_sizes,
-                           progress=progress)
+                           progress=progress, sizes=sizes)
         save_artifact(uri, {}, {"fingerprint": key,
                                 "plan": {t: asdict(o) for t, o in plan.items()}}, PLAN_KIND)
     barrier(ctx)

@@ -27,6 +27,9 @@ bytes are rounded up to whole units, so a plan always fits, and it spends at lea
 DEFAULT_CODEBOOK_SIZES: Tuple[int, ...] = (16, 64, 256)
 """Codebook sizes the allocator considers by default: all with one-byte codes (K <= 256)."""
 
+ESTIMATE_POINTS_PER_CENTROID = 64
+"""Sample draws per codeword of the largest K in :func:`estimate_errors`."""
+
 SMALL_K_SAVING = 0.05
 """A smaller K of the same code width is a candidate only if it saves this share of bytes."""
 
@@ -155,20 +158,23 @@ def estimate_errors(
     shapes: Sequence[Tuple[int, int]],
     *,
     fit_weights: Optional[torch.Tensor] = None,
-    points_per_centroid: int = 64,
+    points_per_centroid: int = ESTIMATE_POINTS_PER_CENTROID,
     kmeans_iters: int = 10,
     generator: Optional[torch.Generator] = None,
+    sample_rows: Optional[int] = None,
 ) -> List[TableOption]:
     """Each shape's bytes and its traffic-weighted squared error per lookup, measured cheaply:
     weighted k-means product quantization on a sample of the table, scored on an independent
     draw of rows by traffic (the id counts).
 
-    With S = ``points_per_centroid`` x the largest K of ``shapes``, the k-means uses the rows
-    of positive ``fit_weights`` (default: the counts, MEC's traffic weighting) with their
-    weights if there are at most S of them, else S draws by weight (each distinct row weighted
-    by how often it was drawn); the error is the weighted mean over S other draws by count (all
-    rows seen in training, weighted exactly, if there are at most S). A table no row of which
-    was seen is scored by uniform traffic.
+    With S = ``sample_rows`` (default ``points_per_centroid`` x the largest K of ``shapes``),
+    the k-means uses the rows of positive ``fit_weights`` (default: the counts, MEC's traffic
+    weighting) with their weights if there are at most S of them, else S draws by weight (each
+    distinct row weighted by how often it was drawn); the error is the weighted mean over S
+    other draws by count (all rows seen in training, weighted exactly, if there are at most
+    S). A table no row of which was seen is scored by uniform traffic. Each shape's k-means
+    draws from its own generator, seeded from ``generator`` and (M, K), so a shape's estimate
+    does not depend on which other shapes are estimated with it.
 
     Args:
         weight (Tensor): [N, D] the table.
@@ -178,6 +184,7 @@ def estimate_errors(
         points_per_centroid (int): sample draws per codeword of the largest K.
         kmeans_iters (int): Lloyd iterations per estimate.
         generator (Optional[torch.Generator]): source of the draws (default: seed 0).
+        sample_rows (Optional[int]): S, the size of both samples (default: above).
 
     Returns:
         List[TableOption]: one per shape, in order.
@@ -198,9 +205,11 @@ def estimate_errors(
     fit = traffic if fit_weights is None else fit_weights.double()
     if not float(fit.sum()) > 0:
         fit = torch.ones(n, dtype=torch.float64)
-    sample_rows = points_per_centroid * max((k for _, k in shapes), default=1)
+    if sample_rows is None:
+        sample_rows = points_per_centroid * max((k for _, k in shapes), default=1)
     fit_rows, fit_w = weighted_rows(fit, sample_rows, generator)
     score_rows, score_w = weighted_rows(traffic, sample_rows, generator)
+    kmeans_seed = int(torch.randint(1 << 62, (), generator=generator))
     # Standardised as the quantizer does, so k-means sees well-scaled numbers.
     p = (fit_w / fit_w.sum()).float().unsqueeze(1)
     x = weight[fit_rows].float()
@@ -211,7 +220,8 @@ def estimate_errors(
     y = (weight[score_rows].float() - mean) / scale
     out = []
     for m, k in shapes:
-        codebooks, _ = kmeans(x, k, m, kmeans_iters, generator, fit_w.float())
+        shape_generator = torch.Generator().manual_seed(table_seed(kmeans_seed, f"{m}x{k}"))
+        codebooks, _ = kmeans(x, k, m, kmeans_iters, shape_generator, fit_w.float())
         codes = nearest_codewords(y, codebooks)
         recon = codebooks[torch.arange(m), codes].flatten(1)
         err = (y - recon).pow(2).sum(1).double() * scale**2
@@ -239,11 +249,47 @@ def check_ratio(
          the smallest embedding memory reachable is 104096 B, 245.9x smaller than the float32
          baseline of 25600000 B (every table at its smallest option)
     """
-    costs = {name: TableCosts(table_bytes(n, dim, 0, 0), tuple(
+    _smallest_fits(_size_costs(sizes, codebook_sizes), target_ratio)
+
+
+def affordable_shapes(
+    sizes: Mapping[str, Tuple[int, int]],
+    target_ratio: float,
+    codebook_sizes: Sequence[int] = DEFAULT_CODEBOOK_SIZES,
+) -> Dict[str, List[Tuple[int, int]]]:
+    """Per table of these (rows, dim), the candidate shapes (:func:`candidate_shapes`) that
+    fit the budget with every other table at its smallest option. :func:`allocate` never
+    chooses the others (no plan within the budget holds them), so their errors need not be
+    estimated: with many tables and a high ratio, that is most large-M shapes.
+
+    Raises:
+        BudgetError: as :func:`check_ratio`.
+
+    Example::
+
+        >>> sizes = {"a": (10_000, 8), "b": (10_000, 8)}  # 320,000 B of float32 tables
+        >>> affordable_shapes(sizes, target_ratio=10, codebook_sizes=(256,))["a"]  # 32,000 B
+        [(1, 256), (2, 256)]
+        >>> candidate_shapes(10_000, 8, codebook_sizes=(256,))
+        [(1, 256), (2, 256), (4, 256), (8, 256)]
+    """
+    costs = _size_costs(sizes, codebook_sizes)
+    _smallest_fits(costs, target_ratio)
+    budget = sum(t.baseline_bytes for t in costs.values()) / target_ratio
+    smallest = {name: min(o.bytes for o in t.all_options()) for name, t in costs.items()}
+    others = sum(smallest.values())
+    return {name: [(o.num_subspaces, o.codebook_size) for o in t.options
+                   if o.bytes + others - smallest[name] <= budget]
+            for name, t in costs.items()}
+
+
+def _size_costs(sizes: Mapping[str, Tuple[int, int]], codebook_sizes: Sequence[int]
+                ) -> Dict[str, TableCosts]:
+    """Every table's candidate options by bytes alone (errors 0)."""
+    return {name: TableCosts(table_bytes(n, dim, 0, 0), tuple(
         TableOption(m, k, table_bytes(n, dim, m, k), 0.0)
         for m, k in candidate_shapes(n, dim, codebook_sizes)))
         for name, (n, dim) in sizes.items()}
-    _smallest_fits(costs, target_ratio)
 
 
 def _smallest_fits(tables: Mapping[str, TableCosts], target_ratio: float) -> None:
@@ -342,14 +388,17 @@ def plan_tables(
     *,
     codebook_sizes: Sequence[int] = DEFAULT_CODEBOOK_SIZES,
     progress: bool = True,
+    sizes: Optional[Mapping[str, Tuple[int, int]]] = None,
 ) -> Dict[str, TableOption]:
     """Decides for every table whether to compress it and with which M and K, so that all
     tables together take at most their float32 size / ``target_ratio``, spending bytes where
     they cut the traffic-weighted error most.
 
-    Each table's candidates (:func:`candidate_shapes`) get an error estimate
-    (:func:`estimate_errors`, k-means fitted with ``config.weighting``'s row weights, seeded
-    by ``table_seed(config.seed, name)``), then :func:`allocate` picks one option per table.
+    Each table's candidates that can fit the budget (:func:`affordable_shapes`) get an error
+    estimate (:func:`estimate_errors`, k-means fitted with ``config.weighting``'s row weights,
+    seeded by ``table_seed(config.seed, name)``, sampled for the largest K of all its
+    :func:`candidate_shapes`), then :func:`allocate` picks one option per table: the plan
+    :func:`allocate` makes from the estimates of all candidates.
 
     Args:
         tables (Mapping[str, Tuple[Tensor, Tensor]]): name -> (weight [N, D], counts [N]).
@@ -357,6 +406,8 @@ def plan_tables(
         target_ratio (float): float32 bytes / allowed bytes.
         codebook_sizes (Sequence[int]): the K considered.
         progress (bool): show a progress bar over tables.
+        sizes (Optional[Mapping[str, Tuple[int, int]]]): every table's (rows, dim), when
+            ``tables`` loads tables on access (else read from the weights).
 
     Returns:
         Dict[str, TableOption]: per table; ``codebook_size == 0`` means kept full.
@@ -375,17 +426,21 @@ def plan_tables(
         >>> sum(o.bytes for o in plan.values()) <= 5020 * 8 * 4 / 8
         True
     """
+    if sizes is None:
+        sizes = {name: (int(w.shape[0]), int(w.shape[1])) for name, (w, _) in tables.items()}
+    affordable = affordable_shapes(sizes, target_ratio, codebook_sizes)
     costs: Dict[str, TableCosts] = {}
     for name in tqdm(sorted(tables), desc="plan: estimating errors", unit="table",
                      disable=not progress, leave=False):
-        weight, counts = tables[name]
-        n, dim = weight.shape
-        shapes = candidate_shapes(n, dim, codebook_sizes)
+        n, dim = sizes[name]
         options: Tuple[TableOption, ...] = ()
-        if shapes:
+        if affordable[name]:
+            weight, counts = tables[name]
+            largest_k = max(k for _, k in candidate_shapes(n, dim, codebook_sizes))
             generator = torch.Generator().manual_seed(table_seed(config.seed, name))
             options = tuple(estimate_errors(
-                weight, counts, shapes, fit_weights=row_weights(counts, config.weighting),
-                generator=generator))
+                weight, counts, affordable[name],
+                fit_weights=row_weights(counts, config.weighting), generator=generator,
+                sample_rows=ESTIMATE_POINTS_PER_CENTROID * largest_k))
         costs[name] = TableCosts(table_bytes(n, dim, 0, 0), options)
     return allocate(costs, target_ratio)
