@@ -1,12 +1,19 @@
 """Stage 2 is bit-identical for a seed and a thread count: run twice with 2 threads, and with a
 busy neighbour process competing for the cores."""
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from torchrec_mec.quantize import MECConfig, MECQuantizer, quantize_table
+from torchrec_mec.quantize import (
+    MECConfig,
+    MECQuantizer,
+    quantize_table,
+    quantize_tables,
+    table_seed,
+)
 
 # Batches large enough (8192 x 16 floats) that CPU kernels split work across threads.
 CONFIG = MECConfig(num_subspaces=4, codebook_size=64, epochs=3, samples_per_epoch=16384,
@@ -77,3 +84,15 @@ def test_busy_neighbour_does_not_change_the_result(two_threads, busy_neighbour):
     busy_neighbour.wait()
     alone = quantize_table(weight, counts, CONFIG, progress=False)
     assert_bit_identical(with_neighbour, alone)
+
+
+def test_the_driver_quantizes_on_one_thread_whatever_the_callers_count(two_threads, tmp_path):
+    weight, counts = planted_table(n=4000)
+    config = dataclasses.replace(CONFIG, epochs=1)
+    driven = quantize_tables({"t": (weight, counts)}, config, str(tmp_path), min_rows=1,
+                             progress=False)["t"]
+    assert torch.get_num_threads() == 2  # restored
+    torch.set_num_threads(1)
+    reference = quantize_table(weight, counts, dataclasses.replace(
+        config, seed=table_seed(config.seed, "t")), progress=False)
+    assert_bit_identical(driven, reference)

@@ -18,6 +18,7 @@ from torchrec_mec.quantize.config import MECConfig
 from torchrec_mec.quantize.kmeans import kmeans, nearest_codewords, weighted_rows
 from torchrec_mec.quantize.quantize_table import row_weights
 from torchrec_mec.quantize.driver import table_seed
+from torchrec_mec.quantize.threads import one_thread
 
 BUDGET_UNITS = 1 << 14
 """A budget of more bytes is cut into this many units (a smaller one into bytes); an option's
@@ -397,8 +398,9 @@ def plan_tables(
     Each table's candidates that can fit the budget (:func:`affordable_shapes`) get an error
     estimate (:func:`estimate_errors`, k-means fitted with ``config.weighting``'s row weights,
     seeded by ``table_seed(config.seed, name)``, sampled for the largest K of all its
-    :func:`candidate_shapes`), then :func:`allocate` picks one option per table: the plan
-    :func:`allocate` makes from the estimates of all candidates.
+    :func:`candidate_shapes`; on one torch thread, :func:`~torchrec_mec.quantize.threads
+    .one_thread`), then :func:`allocate` picks one option per table: the plan :func:`allocate`
+    makes from the estimates of all candidates.
 
     Args:
         tables (Mapping[str, Tuple[Tensor, Tensor]]): name -> (weight [N, D], counts [N]).
@@ -438,9 +440,10 @@ def plan_tables(
             weight, counts = tables[name]
             largest_k = max(k for _, k in candidate_shapes(n, dim, codebook_sizes))
             generator = torch.Generator().manual_seed(table_seed(config.seed, name))
-            options = tuple(estimate_errors(
-                weight, counts, affordable[name],
-                fit_weights=row_weights(counts, config.weighting), generator=generator,
-                sample_rows=ESTIMATE_POINTS_PER_CENTROID * largest_k))
+            with one_thread():
+                options = tuple(estimate_errors(
+                    weight, counts, affordable[name],
+                    fit_weights=row_weights(counts, config.weighting), generator=generator,
+                    sample_rows=ESTIMATE_POINTS_PER_CENTROID * largest_k))
         costs[name] = TableCosts(table_bytes(n, dim, 0, 0), options)
     return allocate(costs, target_ratio)

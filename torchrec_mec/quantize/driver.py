@@ -17,6 +17,7 @@ from torchrec_mec.quantize.quantize_table import (
     quantize_table,
     table_fingerprint,
 )
+from torchrec_mec.quantize.threads import one_thread
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +99,10 @@ def quantize_tables(
     With ``torch.distributed`` initialised, rank r quantizes its share of the tables (largest
     first, balanced by rows, see :func:`assign_tables`), reading ``tables[name]`` only for those
     (a mapping that loads on access keeps one table in memory at a time), then all ranks meet
-    at a barrier and each loads every artifact (codes and codebooks). No collective touches the
-    numerics, so the results equal a single-process run with the same seeds (and the same torch
-    thread count per process).
+    at a barrier and each loads every artifact (codes and codebooks). Each table is quantized
+    on one torch thread (:func:`~torchrec_mec.quantize.threads.one_thread`) and no collective
+    touches the numerics, so the results equal a single-process run with the same seeds,
+    whatever the thread count.
 
     Args:
         tables (Mapping[str, Tuple[Tensor, Tensor]]): table name -> (weight [N, D], counts [N]).
@@ -176,8 +178,9 @@ def quantize_tables(
                 logger.info("table %r: %s is up to date, skipped", name, uri)
                 continue
             logger.info("table %r: %s is stale (other data or config), redoing it", name, uri)
-        result = quantize_table(weight, counts, configs[name], name=name,
-                                checkpoint_uri=checkpoint, progress=progress)
+        with one_thread():
+            result = quantize_table(weight, counts, configs[name], name=name,
+                                    checkpoint_uri=checkpoint, progress=progress)
         meta = {
             "table": name,
             "fingerprint": fingerprints[name],
