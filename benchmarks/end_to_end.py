@@ -9,13 +9,18 @@ uncompressed and the compressed model, each pair measured in the same run.
     # MEC against the alternatives at equal memory (mec run --compare), 3 seeds
     python benchmarks/end_to_end.py --format synthetic --preset sample \\
         --config benchmarks/compare_dev.yaml --seeds 0 1 2 --compare
+    # only the comparison (prepare, pre-train, compare: no stage 2 / 3 / report of its own)
+    python benchmarks/end_to_end.py --format synthetic \\
+        --config benchmarks/planted_300k_compare.yaml --seeds 0 1 2 --compare-only
 
 Seeds vary model initialisation, shuffling and the quantizer (``--seed`` of ``mec``); the data
 split stays fixed. Prints one line per seed and the mean and standard deviation, and writes
 ``<out>/summary.json``. With ``--compare``, also the test AUC per (method, ratio) as mean +- std
 over the seeds, with the ratio reached, beside a plain factorization machine trained on the same
 split (``benchmarks/fm_reference.py``, when present), in ``<out>/comparisons.md`` and a plot
-``<out>/compare_auc_vs_memory.png``.
+``<out>/compare_auc_vs_memory.png``. ``--compare-only`` brings only ``compare`` up to date
+(and what it reads: the data and the pre-training), not the run's own stage 2, fine-tuning and
+report: the per-seed line and the summary then give the comparison alone.
 """
 import argparse
 import json
@@ -34,7 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from torchrec_mec.data import EncodedDataset  # noqa: E402
-from torchrec_mec.pipeline import load_settings, run, stage_dir  # noqa: E402
+from torchrec_mec.pipeline import (  # noqa: E402
+    DataSource,
+    load_settings,
+    run,
+    run_stages,
+    stage_dir,
+)
+from torchrec_mec.pipeline.compare import read_comparisons  # noqa: E402
 
 
 def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
@@ -42,6 +54,8 @@ def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
     settings = load_settings(args.preset, args.config, overrides)
     out = os.path.join(args.out, f"seed{seed}")
     started = time.perf_counter()
+    if args.compare_only:
+        return compare_only(args, seed, settings, out, started)
     report = run(args.data, args.format, out, settings, progress=not args.no_progress,
                  compare=args.compare)
     row = {
@@ -65,6 +79,19 @@ def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
         row["comparisons"] = report["comparisons"]
         row["fm_auc"] = fm_reference_auc(data, seed)
     return row
+
+
+def compare_only(args: argparse.Namespace, seed: int, settings: Any, out: str,
+                 started: float) -> Dict[str, Any]:
+    """One seed's ``compare`` stage (and the data and pre-training it reads) brought up to
+    date in ``out``, without the run's own stage 2, fine-tuning and report."""
+    run_stages(out, "compare", settings, source=DataSource(args.format, args.data),
+               redo=("prepare", "pretrain", "compare"), progress=not args.no_progress)
+    rows = read_comparisons(stage_dir(out, "compare"))["comparisons"]
+    data = EncodedDataset(stage_dir(out, "data"))
+    return {"seed": seed, "comparisons": rows, "fm_auc": fm_reference_auc(data, seed),
+            "bayes_auc": data.bayes_auc("test") if data.is_synthetic else None,
+            "seconds": time.perf_counter() - started}
 
 
 def fm_reference_auc(data: EncodedDataset, seed: int) -> Optional[float]:
@@ -160,22 +187,29 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--compare", action="store_true",
                         help="also mec compare: the alternatives at equal memory")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="only mec compare (with the data and pre-training it reads)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torchrec_mec").setLevel(logging.INFO)
 
+    args.compare = args.compare or args.compare_only
     rows: List[Dict[str, Any]] = []
     for seed in args.seeds:
         rows.append(one_run(args, seed))
         r = rows[-1]
+        if args.compare_only:
+            print(f"seed {seed}: {len(r['comparisons'])} comparison cells, FM reference "
+                  f"{_auc(r['fm_auc'])}, {r['seconds']:.0f} s", flush=True)
+            continue
         print(f"seed {seed}: {r['compressed_tables']}/{r['tables']} tables compressed, "
               f"ratio {r['ratio']:.1f}x, AUC {_auc(r['baseline_auc'])} -> {_auc(r['mec_auc'])} "
               f"({_auc(r['auc_gap'], '+')}), logloss {r['baseline_logloss']:.4f} -> "
               f"{r['mec_logloss']:.4f}, {r['seconds']:.0f} s", flush=True)
     summary: Dict[str, Any] = {"runs": rows, "machine": {
         "platform": platform.platform(), "cpus": os.cpu_count()}, "args": vars(args)}
-    for key in ("ratio", "baseline_auc", "mec_auc", "auc_gap", "baseline_logloss",
-                "mec_logloss"):
+    for key in () if args.compare_only else ("ratio", "baseline_auc", "mec_auc", "auc_gap",
+                                              "baseline_logloss", "mec_logloss"):
         mean, std, n = mean_std([r[key] for r in rows])
         summary[key] = {"mean": mean, "std": std, "runs": n}
         print(f"{key:17s} {_pm([r[key] for r in rows])}")
