@@ -50,7 +50,8 @@ from torchrec_mec.pipeline.compare import read_comparisons  # noqa: E402
 
 
 def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
-    overrides = {"pretrain.seed": seed, "finetune.seed": seed, "compress.quantizer.seed": seed}
+    overrides = {"pretrain.seed": seed, "finetune.seed": seed, "compress.quantizer.seed": seed,
+                 **dict(args.set)}
     settings = load_settings(args.preset, args.config, overrides)
     out = os.path.join(args.out, f"seed{seed}")
     started = time.perf_counter()
@@ -85,11 +86,13 @@ def compare_only(args: argparse.Namespace, seed: int, settings: Any, out: str,
                  started: float) -> Dict[str, Any]:
     """One seed's ``compare`` stage (and the data and pre-training it reads) brought up to
     date in ``out``, without the run's own stage 2, fine-tuning and report."""
-    run_stages(out, "compare", settings, source=DataSource(args.format, args.data),
-               redo=("prepare", "pretrain", "compare"), progress=not args.no_progress)
+    if not args.collect:
+        run_stages(out, "compare", settings, source=DataSource(args.format, args.data),
+                   redo=("prepare", "pretrain", "compare"), progress=not args.no_progress)
     rows = read_comparisons(stage_dir(out, "compare"))["comparisons"]
     data = EncodedDataset(stage_dir(out, "data"))
-    return {"seed": seed, "comparisons": rows, "fm_auc": fm_reference_auc(data, seed),
+    return {"seed": seed, "comparisons": rows,
+            "fm_auc": None if args.no_fm else fm_reference_auc(data, seed),
             "bayes_auc": data.bayes_auc("test") if data.is_synthetic else None,
             "seconds": time.perf_counter() - started}
 
@@ -189,6 +192,11 @@ def main() -> None:
                         help="also mec compare: the alternatives at equal memory")
     parser.add_argument("--compare-only", action="store_true",
                         help="only mec compare (with the data and pre-training it reads)")
+    parser.add_argument("--collect", action="store_true",
+                        help="with --compare-only: run nothing, read each seed's comparisons")
+    parser.add_argument("--no-fm", action="store_true", help="no FM reference")
+    parser.add_argument("--set", nargs="*", default=[], type=lambda kv: kv.split("=", 1),
+                        metavar="KEY=VALUE", help="settings overrides for every seed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("torchrec_mec").setLevel(logging.INFO)
