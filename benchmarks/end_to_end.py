@@ -152,6 +152,22 @@ def comparison_table(rows: List[Dict[str, Any]]) -> Tuple[str, Dict[str, Any]]:
     return "\n".join(lines), out
 
 
+def paired_differences(rows: List[Dict[str, Any]], method: str = "mec",
+                       other: str = "kmeans_pq") -> Dict[str, Tuple[Optional[float],
+                                                                  Optional[float], int]]:
+    """Per target ratio, the test AUC of ``method`` minus that of ``other`` in the same seed's
+    run (same pre-training; same memory, or the float32 model for ``other="baseline"``), as
+    mean, standard deviation and number of seeds."""
+    diffs: Dict[str, List[float]] = {}
+    for r in rows:
+        auc = {(c["method"], c["target_ratio"]): c["auc"] for c in r["comparisons"]}
+        for (m, target), a in auc.items():
+            b = auc.get((other, None if other == "baseline" else target))
+            if m == method and target is not None and a is not None and b is not None:
+                diffs.setdefault(f"{target:g}x", []).append(a - b)
+    return {k: mean_std(v) for k, v in diffs.items()}
+
+
 def plot_comparison(table: Dict[str, Any], path: str, title: str) -> None:
     """Test AUC (mean +- std over seeds) against the memory ratio reached, log x."""
     fig = Figure(figsize=(7.5, 4.5))
@@ -225,6 +241,10 @@ def main() -> None:
     if args.compare:
         text, table = comparison_table(rows)
         summary["comparisons"] = table
+        for method, other in (("mec", "kmeans_pq"), ("mec", "baseline"), ("kmeans_pq", "baseline")):
+            diffs = summary[f"{method}_minus_{other}"] = paired_differences(rows, method, other)
+            text += "".join(f"\n{method} - {other} at {k}, per seed: {m:+.4f} +- {sd:.4f} "
+                            f"({n} seeds)" for k, (m, sd, n) in diffs.items())
         print(text)
         with open(os.path.join(args.out, "comparisons.md"), "w") as f:
             f.write(text + "\n")
