@@ -78,7 +78,7 @@ def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
         row["bayes_auc"] = data.bayes_auc("test")
     if args.compare:
         row["comparisons"] = report["comparisons"]
-        row["fm_auc"] = fm_reference_auc(data, seed)
+        row["fm_auc"] = None if args.no_fm else fm_reference_auc(data, seed)
     return row
 
 
