@@ -161,10 +161,10 @@ class TrainSettings:
             raise ValueError(f"learning rates must be > 0: {self}")
 
 
-PRETRAIN_DEFAULTS = TrainSettings(epochs=10, batch_size=0, patience=1)
+PRETRAIN_DEFAULTS = TrainSettings(epochs=10, batch_size=0, patience=1, embedding_l2=1e-4)
 """Stage 1 by default: a batch size from the training rows (``global_batch_size``), up to 10
 epochs, stopped after the first validation that does not improve the validation log loss, the
-best state kept (docs/pipeline.md, "Stage 1's defaults")."""
+best state kept, an embedding L2 of 1e-4 (docs/pipeline.md, "Stage 1's defaults")."""
 
 
 @dataclass(frozen=True)
