@@ -39,7 +39,8 @@ def test_saving_and_loading_a_large_state_add_no_copy(tmp_path):
     in TBE's layout), saved in items of 16 MiB: DCP's writer alone clones both views and keeps
     the clones until the file is written (+256 MiB of peak RSS), and its reader loads an item
     whole before copying it into place (+128 MiB for a 128 MiB item); each may grow the peak
-    by much less than one view."""
+    by at most half a view (the reader holds one 16 MiB item and its file bytes, plus the
+    allocator's slack)."""
     script = textwrap.dedent(f"""
         import json, torch
         from torchrec_mec.pipeline import state_dirs
@@ -73,4 +74,4 @@ def test_saving_and_loading_a_large_state_add_no_copy(tmp_path):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"]
     for step in ("save", "load"):
-        assert result[step] < 48 * 2**20, f"{step} grew the peak RSS by {result[step] / 2**20:.0f} MiB"
+        assert result[step] < 64 * 2**20, f"{step} grew the peak RSS by {result[step] / 2**20:.0f} MiB"
