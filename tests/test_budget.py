@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchrec_mec.modules import QuantizedEmbeddingBagCollection, QuantizedEmbeddingBagConfig
-from torchrec_mec.quantize import MECConfig, quantize_table
+from torchrec_mec.quantize import MECConfig, budget, quantize_table
 from torchrec_mec.quantize.budget import (
     BUDGET_UNITS,
     BudgetError,
@@ -211,3 +211,42 @@ def test_plan_tables_equals_the_allocation_over_every_candidate(ratio):
                                    sizes)
     pruned = sum(len(c.options) for c in costs.values()) - sum(map(len, affordable.values()))
     assert pruned > 0 if ratio >= 10 else pruned == 0
+
+
+def test_plans_share_estimates_through_a_memo(monkeypatch):
+    # Reference: each plan made alone, without a memo.
+    g = torch.Generator().manual_seed(0)
+    tables = {name: (torch.randn(n, 8, generator=g), torch.randint(0, 30, (n,)))
+              for name, n in {"big": 2_000, "mid": 600, "small": 200}.items()}
+    sizes, shapes = (16, 64), {t: tuple(w.shape) for t, (w, _) in tables.items()}
+    estimated = []
+    real = budget.estimate_errors
+
+    def counting(weight, counts, todo, **kwargs):
+        estimated.extend(todo)
+        return real(weight, counts, todo, **kwargs)
+
+    mec, pq = MECConfig(), MECConfig().for_method("kmeans_pq")
+    alone = {(c.weighting, r): plan_tables(tables, c, r, codebook_sizes=sizes, progress=False)
+             for c in (mec, pq) for r in (4.0, 10.0)}
+    monkeypatch.setattr(budget, "estimate_errors", counting)
+    memo: dict = {}
+    assert plan_tables(tables, mec, 10.0, codebook_sizes=sizes, progress=False,
+                       memo=memo) == alone[("traffic", 10.0)]
+    assert len(estimated) == len(memo) == sum(map(len, affordable_shapes(shapes, 10.0,
+                                                                         sizes).values()))
+    estimated.clear()
+    # 4x affords more shapes than 10x: only those are estimated, and the plan is unchanged.
+    assert plan_tables(tables, mec, 4.0, codebook_sizes=sizes, progress=False,
+                       memo=memo) == alone[("traffic", 4.0)]
+    wider, narrower = affordable_shapes(shapes, 4.0, sizes), affordable_shapes(shapes, 10.0, sizes)
+    new = sum(len(set(wider[t]) - set(narrower[t])) for t in tables)
+    assert 0 < len(estimated) == new < sum(map(len, wider.values()))
+    estimated.clear()
+    assert plan_tables(tables, mec, 10.0, codebook_sizes=sizes, progress=False,
+                       memo=memo) == alone[("traffic", 10.0)]
+    assert estimated == []  # every estimate known
+    # Another weighting (k-means PQ's uniform) is estimated anew and planned as alone.
+    assert plan_tables(tables, pq, 10.0, codebook_sizes=sizes, progress=False,
+                       memo=memo) == alone[("uniform", 10.0)]
+    assert len(estimated) == sum(map(len, narrower.values()))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.pipeline_testing import tiny_flags, tiny_settings
+from torchrec_mec.artifacts import load_artifact
 from torchrec_mec.cli import main
 from torchrec_mec.pipeline import RUN_STAGE_NAMES, DataSource, read_comparisons, run, run_stages
 from torchrec_mec.pipeline.alternatives import (
@@ -22,10 +23,13 @@ from torchrec_mec.pipeline.alternatives import (
     rowwise_quantize,
     small_dim,
 )
+from torchrec_mec.pipeline.outputs import COUNTS_FILE, COUNTS_KIND, TABLES_DIR
 from torchrec_mec.pipeline.settings import COMPARE_METHODS
+from torchrec_mec.quantize import budget
 
-# The module, not the function the package exports under the same name.
+# The modules, not the functions the package exports under the same names.
 compare_module = importlib.import_module("torchrec_mec.pipeline.compare")
+compress_module = importlib.import_module("torchrec_mec.pipeline.compress")
 
 
 def _random_tables(gen: torch.Generator) -> dict:
@@ -191,6 +195,40 @@ def test_compare_stage_every_method_resumes_after_a_crash(tmp_path, monkeypatch,
     assert ran == []
     printed = capsys.readouterr().out
     assert "int4" in printed and "mec        at 2000x: unreachable (target ratio 2000" in printed
+
+
+def test_compare_cells_share_the_allocators_estimates(tmp_path, monkeypatch) -> None:
+    # 2x then 3x: the second cell's plan needs no new estimate (3x affords a subset of 2x's
+    # shapes) and is the plan the allocator makes alone (reference: plan_tables, no memo).
+    settings = tiny_settings(compare__ratios=[2, 3], compare__methods=["mec"],
+                             pretrain__epochs=1, compress__codebook_sizes=[16])
+    run_dir = str(tmp_path / "run")
+    plans, estimated = [], [0]  # (ratio, plan, estimates it made); shapes estimated so far
+    real_plan, real_estimate = budget.plan_tables, budget.estimate_errors
+
+    def recording_plan(tables, config, ratio, **kwargs):
+        before = estimated[0]
+        plan = real_plan(tables, config, ratio, **kwargs)
+        plans.append((ratio, plan, estimated[0] - before))
+        return plan
+
+    def counting_estimate(weight, counts, shapes, **kwargs):
+        estimated[0] += len(shapes)
+        return real_estimate(weight, counts, shapes, **kwargs)
+
+    monkeypatch.setattr(compress_module, "plan_tables", recording_plan)
+    monkeypatch.setattr(budget, "estimate_errors", counting_estimate)
+    run_stages(run_dir, "compare", settings, source=DataSource("synthetic"),
+               redo=("prepare", "pretrain", "compare"), progress=False)
+    assert [(r, n > 0) for r, _, n in plans] == [(2.0, True), (3.0, False)]
+    pretrain = os.path.join(run_dir, "pretrain")
+    counts, _ = load_artifact(os.path.join(pretrain, COUNTS_FILE), expect_kind=COUNTS_KIND)
+    tables = compress_module.TablesOnDisk(os.path.join(pretrain, TABLES_DIR), counts)
+    monkeypatch.undo()
+    for ratio, plan, _ in plans:
+        assert plan == budget.plan_tables(tables, settings.compress.config, ratio,
+                                          codebook_sizes=[16], progress=False)
+    assert any(o.compressed for o in plans[1][1].values())
 
 
 @pytest.mark.parametrize("bits,dtype", [(8, torch.quint8), (4, torch.quint4x2)])

@@ -14,13 +14,16 @@ whole model, as ``QuantizedEmbeddingBagCollection.memory_report()`` counts), eac
 The pre-trained model is the baseline (ratio 1). Each (method, ratio) is one artifact under
 ``compare/cells/`` keyed by a fingerprint of its settings and inputs: a killed ``mec compare``
 redoes only the unfinished cells (and a cell's training resumes from its checkpoint under
-``compare/work/``). A ratio a method cannot reach is a row that says so.
+``compare/work/``). A ratio a method cannot reach is a row that says so. The budget
+allocator's error estimates are made once per table, shape, weighting and seed in one
+``mec compare`` and shared by its ``mec`` and ``kmeans_pq`` cells (their ratios ask for
+largely the same ones; the two methods' weightings differ).
 """
 import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
@@ -57,7 +60,7 @@ from torchrec_mec.pipeline.outputs import (
 from torchrec_mec.pipeline.parallel import DistContext, init_distributed
 from torchrec_mec.pipeline.settings import Settings, SettingsError
 from torchrec_mec.pipeline.training import train_model
-from torchrec_mec.quantize.budget import BudgetError, check_ratio
+from torchrec_mec.quantize.budget import BudgetError, EstimateMemo, check_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +178,8 @@ class _Job:
     dataset: EncodedDataset
     baseline: CTRModel
     ctx: DistContext
+    estimates: Dict[str, EstimateMemo] = field(default_factory=dict)
+    """The budget allocator's error estimates, shared by the cells (``compress``)."""
 
     @property
     def baseline_bytes(self) -> int:
@@ -224,7 +229,8 @@ def _pq(job: _Job, cell: Cell) -> Dict[str, Any]:
               for n, b in job.baseline.embedding_bag_collection.embedding_bags.items()}
     check_ratio(shapes, cell.target_ratio, s.compress.codebook_sizes)
     work = job.work(cell)
-    compress(job.pretrain_dir, os.path.join(work, "compress"), s, progress=False)
+    compress(job.pretrain_dir, os.path.join(work, "compress"), s, progress=False,
+             estimates=job.estimates)
     finetune(job.data_dir, job.pretrain_dir, os.path.join(work, "compress"),
              os.path.join(work, "finetune"), s, progress=False)
     model, meta = load_model(os.path.join(work, "finetune"))

@@ -2,7 +2,7 @@
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, Mapping, NamedTuple, Tuple
+from typing import Any, Dict, Iterator, Mapping, MutableMapping, NamedTuple, Optional, Tuple
 
 import torch
 from iopath.common.file_io import g_pathmgr
@@ -26,7 +26,7 @@ from torchrec_mec.pipeline.state_dirs import (
 )
 from torchrec_mec.pipeline.settings import Settings
 from torchrec_mec.quantize import quantize_tables
-from torchrec_mec.quantize.budget import TableOption, check_ratio, plan_tables
+from torchrec_mec.quantize.budget import EstimateMemo, TableOption, check_ratio, plan_tables
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def compress(
     *,
     force: bool = False,
     progress: bool = True,
+    estimates: Optional[MutableMapping[str, EstimateMemo]] = None,
 ) -> str:
     """Stage 2: product-quantizes the pre-trained tables with MEC (row weights from stage 1's
     id counts), or with plain k-means PQ (``compress.method="kmeans_pq"``); the others stay
@@ -84,6 +85,9 @@ def compress(
         settings (Settings): uses ``compress``.
         force (bool): quantize every table again, dropping finished tables and checkpoints.
         progress (bool): show progress bars.
+        estimates (Optional[MutableMapping[str, EstimateMemo]]): the allocator's error
+            estimates kept across calls (``mec compare``'s cells), per digest of stage 1's
+            tables and counts: a plan of the same tables, weighting and seed reuses them.
 
     Returns:
         str: the URI of ``compressed.mec`` (metadata: ``tables`` with each compressed table's
@@ -110,8 +114,10 @@ def compress(
         # The plan's key: what it depends on, so a stale plan is never reused.
         key = fingerprint(settings.compress, os.path.join(pretrain_dir, TABLES_MANIFEST),
                           counts_uri)
+        memo = None if estimates is None else estimates.setdefault(
+            fingerprint(None, os.path.join(pretrain_dir, TABLES_MANIFEST), counts_uri), {})
         plan = _plan(all_tables, settings, os.path.join(out_dir, PLAN_FILE), key, ctx,
-                     force=force, progress=progress)
+                     force=force, progress=progress, memo=memo)
     results = quantize_tables(all_tables, settings.compress.config,
                               os.path.join(out_dir, "tables"), min_rows=settings.compress.min_rows,
                               overwrite=force, progress=progress and ctx.is_main,
@@ -148,17 +154,23 @@ def _plan(
     *,
     force: bool,
     progress: bool,
+    memo: Optional[EstimateMemo],
 ) -> Dict[str, TableOption]:
     """The budget plan: checked for reachability on every rank (so all fail alike), estimated
-    and saved on rank 0, read by all; a saved plan for the same inputs and settings is reused."""
+    and saved on rank 0 (with ``memo``'s estimates, see ``plan_tables``), read by all; a saved
+    plan for the same inputs and settings is reused."""
     s = settings.compress
     assert s.target_ratio is not None  # a plan is made only for a target ratio
     sizes = {t: (shape[0], shape[1]) for t, shape in tables.shapes.items()}
     check_ratio(sizes, s.target_ratio, s.codebook_sizes)
     if ctx.is_main and (force or not g_pathmgr.exists(uri)
                         or load_artifact(uri, expect_kind=PLAN_KIND)[1]["fingerprint"] != key):
+        known = 0 if memo is None else len(memo)
         plan = plan_tables(tables, s.config, s.target_ratio, codebook_sizes=s.codebook_sizes,
-                           progress=progress, sizes=sizes)
+                           progress=progress, sizes=sizes, memo=memo)
+        if memo is not None:
+            logger.info("plan: %d error estimates made, %d known from earlier plans",
+                        len(memo) - known, known)
         save_artifact(uri, {}, {"fingerprint": key,
                                 "plan": {t: asdict(o) for t, o in plan.items()}}, PLAN_KIND)
     barrier(ctx)

@@ -8,7 +8,7 @@ programming over the budget cut into ``BUDGET_UNITS`` units).
 """
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -33,6 +33,10 @@ ESTIMATE_POINTS_PER_CENTROID = 64
 
 SMALL_K_SAVING = 0.05
 """A smaller K of the same code width is a candidate only if it saves this share of bytes."""
+
+EstimateMemo = MutableMapping[Tuple[Any, ...], "TableOption"]
+"""Error estimates of :func:`plan_tables` kept for later plans of the same tables (the same
+weights and counts): ``(table, rows, dim, weighting, seed, sample rows, M, K) -> option``."""
 
 
 class BudgetError(ValueError):
@@ -390,6 +394,7 @@ def plan_tables(
     codebook_sizes: Sequence[int] = DEFAULT_CODEBOOK_SIZES,
     progress: bool = True,
     sizes: Optional[Mapping[str, Tuple[int, int]]] = None,
+    memo: Optional[EstimateMemo] = None,
 ) -> Dict[str, TableOption]:
     """Decides for every table whether to compress it and with which M and K, so that all
     tables together take at most their float32 size / ``target_ratio``, spending bytes where
@@ -402,6 +407,11 @@ def plan_tables(
     .one_thread`), then :func:`allocate` picks one option per table: the plan :func:`allocate`
     makes from the estimates of all candidates.
 
+    An estimate depends on the table (its rows and counts), the weighting, the seed, the sample
+    size and its own shape alone (:func:`estimate_errors`: not on the other shapes estimated
+    with it), so plans at several ratios, or of methods of the same weighting, can share them
+    through ``memo`` and get the same plans as without it.
+
     Args:
         tables (Mapping[str, Tuple[Tensor, Tensor]]): name -> (weight [N, D], counts [N]).
         config (MECConfig): the quantizer that will run (its weighting and seed are used).
@@ -410,6 +420,9 @@ def plan_tables(
         progress (bool): show a progress bar over tables.
         sizes (Optional[Mapping[str, Tuple[int, int]]]): every table's (rows, dim), when
             ``tables`` loads tables on access (else read from the weights).
+        memo (Optional[EstimateMemo]): estimates of earlier plans of these same tables
+            (weights and counts: one memo per set of tables), used instead of estimating
+            again; the new ones are added. A table all of whose shapes are in it is not read.
 
     Returns:
         Dict[str, TableOption]: per table; ``codebook_size == 0`` means kept full.
@@ -432,18 +445,25 @@ def plan_tables(
         sizes = {name: (int(w.shape[0]), int(w.shape[1])) for name, (w, _) in tables.items()}
     affordable = affordable_shapes(sizes, target_ratio, codebook_sizes)
     costs: Dict[str, TableCosts] = {}
+    memo = {} if memo is None else memo
     for name in tqdm(sorted(tables), desc="plan: estimating errors", unit="table",
                      disable=not progress, leave=False):
         n, dim = sizes[name]
         options: Tuple[TableOption, ...] = ()
         if affordable[name]:
-            weight, counts = tables[name]
             largest_k = max(k for _, k in candidate_shapes(n, dim, codebook_sizes))
-            generator = torch.Generator().manual_seed(table_seed(config.seed, name))
-            with one_thread():
-                options = tuple(estimate_errors(
-                    weight, counts, affordable[name],
-                    fit_weights=row_weights(counts, config.weighting), generator=generator,
-                    sample_rows=ESTIMATE_POINTS_PER_CENTROID * largest_k))
+            sample_rows = ESTIMATE_POINTS_PER_CENTROID * largest_k
+            keys = {shape: (name, n, dim, config.weighting, config.seed, sample_rows, *shape)
+                    for shape in affordable[name]}
+            todo = [shape for shape in affordable[name] if keys[shape] not in memo]
+            if todo:
+                weight, counts = tables[name]
+                generator = torch.Generator().manual_seed(table_seed(config.seed, name))
+                with one_thread():
+                    found = estimate_errors(
+                        weight, counts, todo, fit_weights=row_weights(counts, config.weighting),
+                        generator=generator, sample_rows=sample_rows)
+                memo.update((keys[shape], option) for shape, option in zip(todo, found))
+            options = tuple(memo[keys[shape]] for shape in affordable[name])
         costs[name] = TableCosts(table_bytes(n, dim, 0, 0), options)
     return allocate(costs, target_ratio)
