@@ -125,26 +125,56 @@ def test_checkpoint_of_one_process_resumes_on_two_ranks(data_and_reference):
     _assert_same(str(root / "ref"), str(root / "resumed_2"))
 
 
-def test_rowwise_adagrad_checkpoint_of_two_ranks_resumes_in_one_process(data_and_reference):
-    """FBGEMM's EXACT_ROWWISE_ADAGRAD on 2 ranks for an epoch, then optimizers.RowWiseAdagrad
-    in 1 process from that checkpoint, ends where 1 process alone does: the same update, and
-    its state (one value per row, under the unsharded name) reshards 2 -> 1."""
-    root, data = data_and_reference
-    ref, checkpoint = str(root / "ref_rowwise"), str(root / "ckpt_rowwise_2_to_1")
-    _one_process(data, str(root / "ref_rowwise_ckpt"), 2, ref, ROWWISE_ADAGRAD)
-    run_on_ranks(_train, data, checkpoint, 1, str(root / "half_rowwise_2"), ROWWISE_ADAGRAD,
-                 world_size=2)
+def _assert_one_sum_per_row(checkpoint: str, data: str) -> None:
+    """The checkpoint holds each table's row-wise Adagrad state whole: [rows], unsharded name."""
     rows = EncodedDataset(data).num_embeddings
     sums = {k: shape for k, (shape, _) in state_shapes(checkpoint).items()
             if k.startswith("optim.") and k.endswith(".sum") and "embedding_bags." in k}
     assert sums == {f"optim.{EMBEDDING_PREFIX}embedding_bags.{table_name(f)}.weight.sum": (n,)
                     for f, n in rows.items()}
+
+
+@pytest.fixture(scope="module")
+def rowwise_reference(data_and_reference):
+    """The uninterrupted 1-process run of 2 epochs with optimizers.RowWiseAdagrad."""
+    root, data = data_and_reference
+    ref = str(root / "ref_rowwise")
+    _one_process(data, str(root / "ref_rowwise_ckpt"), 2, ref, ROWWISE_ADAGRAD)
+    return ref
+
+
+def test_rowwise_adagrad_checkpoint_of_two_ranks_resumes_in_one_process(data_and_reference,
+                                                                        rowwise_reference):
+    """FBGEMM's EXACT_ROWWISE_ADAGRAD on 2 ranks for an epoch, then optimizers.RowWiseAdagrad
+    in 1 process from that checkpoint, ends where 1 process alone does: the same update, and
+    its state (one value per row, under the unsharded name) reshards 2 -> 1."""
+    root, data = data_and_reference
+    ref, checkpoint = rowwise_reference, str(root / "ckpt_rowwise_2_to_1")
+    run_on_ranks(_train, data, checkpoint, 1, str(root / "half_rowwise_2"), ROWWISE_ADAGRAD,
+                 world_size=2)
+    _assert_one_sum_per_row(checkpoint, data)
     _one_process(data, checkpoint, 2, str(root / "resumed_rowwise_1"), ROWWISE_ADAGRAD)
     _assert_same(ref, str(root / "resumed_rowwise_1"))
     adagrad, rowwise = load_model(str(root / "ref"))[0], load_model(ref)[0]
     table = f"{EMBEDDING_PREFIX}embedding_bags.t_C1.weight"
     assert not torch.allclose(adagrad.state_dict()[table], rowwise.state_dict()[table],
                               atol=1e-4)  # the setting changes the update
+
+
+def test_rowwise_adagrad_checkpoint_of_one_process_resumes_on_two_ranks(data_and_reference,
+                                                                        rowwise_reference):
+    """optimizers.RowWiseAdagrad in 1 process for an epoch, then FBGEMM's EXACT_ROWWISE_ADAGRAD
+    on 2 ranks from that checkpoint, ends where 1 process alone does: the per-row state saved
+    whole ([rows]) reshards 1 -> 2 into each rank's rows."""
+    root, data = data_and_reference
+    checkpoint = str(root / "ckpt_rowwise_1_to_2")
+    _one_process(data, checkpoint, 1, str(root / "half_rowwise_1"), ROWWISE_ADAGRAD)
+    with open(os.path.join(checkpoint, "manifest.json")) as f:
+        assert json.load(f)["meta"]["world_size"] == 1
+    _assert_one_sum_per_row(checkpoint, data)
+    run_on_ranks(_train, data, checkpoint, 2, str(root / "resumed_rowwise_2"), ROWWISE_ADAGRAD,
+                 world_size=2)
+    _assert_same(rowwise_reference, str(root / "resumed_rowwise_2"))
 
 
 def _compress_and_record(rank: int, world_size: int, pretrain_dir: str, out: str) -> None:
