@@ -20,7 +20,16 @@ over the seeds, with the ratio reached, beside a plain factorization machine tra
 split (``benchmarks/fm_reference.py``, when present), in ``<out>/comparisons.md`` and a plot
 ``<out>/compare_auc_vs_memory.png``. ``--compare-only`` brings only ``compare`` up to date
 (and what it reads: the data and the pre-training), not the run's own stage 2, fine-tuning and
-report: the per-seed line and the summary then give the comparison alone.
+report: the per-seed line and the summary then give the comparison alone. ``--variant DIR
+SUFFIX`` (with ``--compare-only``) adds each seed's comparisons from ``DIR/seed<S>``, runs of
+other settings on copies of the same pre-training, their methods named ``METHOD SUFFIX`` in the
+table, the plot and the per-seed differences (against the same method of ``--out``, k-means PQ
+and the baseline)::
+
+    # the gradient-trained mec (in /tmp/quality2) beside the runs of benchmarks/planted_300k_compare.yaml
+    python benchmarks/end_to_end.py --format synthetic --config benchmarks/planted_300k_compare.yaml \
+        --compare-only --collect --no-fm --seeds 0 1 2 --out /tmp/quality/runs \
+        --variant /tmp/quality2 "(gradient)"
 """
 import argparse
 import json
@@ -90,11 +99,28 @@ def compare_only(args: argparse.Namespace, seed: int, settings: Any, out: str,
         run_stages(out, "compare", settings, source=DataSource(args.format, args.data),
                    redo=("prepare", "pretrain", "compare"), progress=not args.no_progress)
     rows = read_comparisons(stage_dir(out, "compare"))["comparisons"]
+    for folder, suffix in args.variant:
+        rows += variant_rows(rows, os.path.join(folder, f"seed{seed}"), suffix)
     data = EncodedDataset(stage_dir(out, "data"))
     return {"seed": seed, "comparisons": rows,
             "fm_auc": None if args.no_fm else fm_reference_auc(data, seed),
             "bayes_auc": data.bayes_auc("test") if data.is_synthetic else None,
             "seconds": time.perf_counter() - started}
+
+
+def variant_rows(rows: List[Dict[str, Any]], run_dir: str, suffix: str) -> List[Dict[str, Any]]:
+    """The comparisons of ``run_dir`` but its baseline, each method named ``METHOD SUFFIX``.
+
+    Raises:
+        ValueError: its baseline is not the one of ``rows`` (another pre-training).
+    """
+    other = read_comparisons(stage_dir(run_dir, "compare"))["comparisons"]
+    ours = [(r["auc"], r["logloss"]) for r in rows if r["method"] == "baseline"]
+    theirs = [(r["auc"], r["logloss"]) for r in other if r["method"] == "baseline"]
+    if ours != theirs:
+        raise ValueError(f"{run_dir}: its baseline {theirs} is not the one it is compared with "
+                         f"{ours}: not the same pre-training")
+    return [{**r, "method": f"{r['method']} {suffix}"} for r in other if r["method"] != "baseline"]
 
 
 def fm_reference_auc(data: EncodedDataset, seed: int) -> Optional[float]:
@@ -211,6 +237,10 @@ def main() -> None:
     parser.add_argument("--collect", action="store_true",
                         help="with --compare-only: run nothing, read each seed's comparisons")
     parser.add_argument("--no-fm", action="store_true", help="no FM reference")
+    parser.add_argument("--variant", nargs=2, action="append", default=[],
+                        metavar=("DIR", "SUFFIX"),
+                        help="with --compare-only: also DIR/seed<S>'s comparisons (copies of "
+                             "the same pre-training), methods named 'METHOD SUFFIX'")
     parser.add_argument("--set", nargs="*", default=[], type=lambda kv: kv.split("=", 1),
                         metavar="KEY=VALUE", help="settings overrides for every seed")
     args = parser.parse_args()
@@ -241,7 +271,13 @@ def main() -> None:
     if args.compare:
         text, table = comparison_table(rows)
         summary["comparisons"] = table
-        for method, other in (("mec", "kmeans_pq"), ("mec", "baseline"), ("kmeans_pq", "baseline")):
+        pairs = [("mec", "kmeans_pq"), ("mec", "baseline"), ("kmeans_pq", "baseline")]
+        for folder, suffix in args.variant:
+            methods = {c["method"] for r in rows for c in r["comparisons"]
+                       if c["method"].endswith(f" {suffix}")}
+            pairs += [(m, o) for m in sorted(methods)
+                      for o in (m[:-len(suffix) - 1], "kmeans_pq", "baseline")]
+        for method, other in dict.fromkeys(pairs):  # kmeans_pq SUFFIX: one pair twice
             diffs = summary[f"{method}_minus_{other}"] = paired_differences(rows, method, other)
             text += "".join(f"\n{method} - {other} at {k}, per seed: {m:+.4f} +- {sd:.4f} "
                             f"({n} seeds)" for k, (m, sd, n) in diffs.items())
