@@ -244,3 +244,12 @@ def test_target_ratio_plans_every_table_within_the_budget(tiny_run, tmp_path):
     compress(stage_dir(out, "pretrain"), comp, tiny_settings(compress__target_ratio=5.0),
              progress=False)
     assert _mtime(os.path.join(comp, "plan.mec")) == before
+    # ... also for other quantizer training settings (the plan reads only the weighting and
+    # the seed), but not for another weighting.
+    compress(stage_dir(out, "pretrain"), comp, tiny_settings(
+        compress__target_ratio=5.0, compress__quantizer__epochs=1, compress__quantizer__lr=0.1),
+        progress=False)
+    assert _mtime(os.path.join(comp, "plan.mec")) == before
+    compress(stage_dir(out, "pretrain"), comp, tiny_settings(
+        compress__target_ratio=5.0, compress__quantizer__weighting="uniform"), progress=False)
+    assert _mtime(os.path.join(comp, "plan.mec")) != before

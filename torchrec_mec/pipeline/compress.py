@@ -71,7 +71,8 @@ def compress(
     id counts), or with plain k-means PQ (``compress.method="kmeans_pq"``); the others stay
     full. Which tables, and their M and K: with ``compress.target_ratio``, the budget
     allocator decides (``torchrec_mec.quantize.budget.plan_tables``, on rank 0, its plan saved
-    as ``plan.mec`` and reused on rerun); otherwise every table of at least
+    as ``plan.mec`` and reused on rerun for the same tables, ratio, codebook sizes, weighting and
+    seed, whatever the quantizer's training settings); otherwise every table of at least
     ``compress.min_rows`` rows, with the quantizer's M and K.
 
     Runs ``torchrec_mec.quantize.quantize_tables``: tables are spread over the ranks of a
@@ -111,9 +112,12 @@ def compress(
     weights = all_tables.shapes
     plan = None
     if settings.compress.target_ratio is not None:
-        # The plan's key: what it depends on, so a stale plan is never reused.
-        key = fingerprint(settings.compress, os.path.join(pretrain_dir, TABLES_MANIFEST),
-                          counts_uri)
+        # The plan's key: what it depends on (plan_tables reads the quantizer's weighting and
+        # seed, not its training settings), so a stale plan is never reused.
+        c = settings.compress
+        key = fingerprint({"target_ratio": c.target_ratio, "codebook_sizes": c.codebook_sizes,
+                           "weighting": c.config.weighting, "seed": c.config.seed},
+                          os.path.join(pretrain_dir, TABLES_MANIFEST), counts_uri)
         memo = None if estimates is None else estimates.setdefault(
             fingerprint(None, os.path.join(pretrain_dir, TABLES_MANIFEST), counts_uri), {})
         plan = _plan(all_tables, settings, os.path.join(out_dir, PLAN_FILE), key, ctx,
