@@ -38,24 +38,27 @@ SEED = 3
 CONFIG = ModelConfig(embedding_dim=8, dense_hidden_sizes=(16,), over_hidden_sizes=(16,))
 SMALL_ITEMS = 37 * 8 * 4
 """37 rows of D = 8: items that do not align with the shards of 2 ranks."""
+ROWWISE = (ROWWISE_ADAGRAD, 1e-2)
+"""The row-wise runs' optimizer and embedding L2 (the penalty's gradient reaches FBGEMM's fused
+row-wise Adagrad through the lookup, and optimizers.RowWiseAdagrad as a sparse gradient)."""
 
 
 def _train(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, out: str,
-           optimizer: str = "adagrad") -> None:
+           optimizer: str = "adagrad", embedding_l2: float = 0.0) -> None:
     """Stage 1's training (tables initialised shard by shard) for ``epochs`` epochs, resuming
-    from ``checkpoint`` whatever world size wrote it; the model saved to ``out``. ``optimizer``:
-    the tables' (``TrainSettings.embedding_optimizer``). States are saved in items of
+    from ``checkpoint`` whatever world size wrote it; the model saved to ``out``. ``optimizer``,
+    ``embedding_l2``: the tables' (``TrainSettings``). States are saved in items of
     ``SMALL_ITEMS`` bytes, so that every table is split into row ranges that the other world
     size reads back across its own shards."""
     chunk_bytes, state_dirs.SAVE_CHUNK_BYTES = state_dirs.SAVE_CHUNK_BYTES, SMALL_ITEMS
     try:
-        _train_with(rank, world_size, data, checkpoint, epochs, out, optimizer)
+        _train_with(rank, world_size, data, checkpoint, epochs, out, optimizer, embedding_l2)
     finally:
         state_dirs.SAVE_CHUNK_BYTES = chunk_bytes
 
 
 def _train_with(rank: int, world_size: int, data: str, checkpoint: str, epochs: int, out: str,
-                optimizer: str) -> None:
+                optimizer: str, embedding_l2: float) -> None:
     ctx = DistContext(rank, world_size, torch.device("cpu"))
     dataset = EncodedDataset(data)
     torch.manual_seed(SEED)
@@ -65,7 +68,7 @@ def _train_with(rank: int, world_size: int, data: str, checkpoint: str, epochs: 
     bounds = {c.name: (c.get_weight_init_min(), c.get_weight_init_max())
               for c in model.embedding_bag_collection.embedding_bag_configs()}
     settings = TrainSettings(epochs=epochs, batch_size=128, seed=SEED, keep_best=True,
-                             embedding_optimizer=optimizer)
+                             embedding_optimizer=optimizer, embedding_l2=embedding_l2)
     result = train_model(model, dataset, settings, ctx=ctx, checkpoint_uri=checkpoint,
                          fingerprint="same work", eval_batch_size=256,
                          restore=lambda runner, _: init_tables(runner, bounds, SEED),
@@ -136,10 +139,11 @@ def _assert_one_sum_per_row(checkpoint: str, data: str) -> None:
 
 @pytest.fixture(scope="module")
 def rowwise_reference(data_and_reference):
-    """The uninterrupted 1-process run of 2 epochs with optimizers.RowWiseAdagrad."""
+    """The uninterrupted 1-process run of 2 epochs with optimizers.RowWiseAdagrad and an
+    embedding L2 (``ROWWISE``)."""
     root, data = data_and_reference
     ref = str(root / "ref_rowwise")
-    _one_process(data, str(root / "ref_rowwise_ckpt"), 2, ref, ROWWISE_ADAGRAD)
+    _one_process(data, str(root / "ref_rowwise_ckpt"), 2, ref, *ROWWISE)
     return ref
 
 
@@ -150,10 +154,10 @@ def test_rowwise_adagrad_checkpoint_of_two_ranks_resumes_in_one_process(data_and
     its state (one value per row, under the unsharded name) reshards 2 -> 1."""
     root, data = data_and_reference
     ref, checkpoint = rowwise_reference, str(root / "ckpt_rowwise_2_to_1")
-    run_on_ranks(_train, data, checkpoint, 1, str(root / "half_rowwise_2"), ROWWISE_ADAGRAD,
+    run_on_ranks(_train, data, checkpoint, 1, str(root / "half_rowwise_2"), *ROWWISE,
                  world_size=2)
     _assert_one_sum_per_row(checkpoint, data)
-    _one_process(data, checkpoint, 2, str(root / "resumed_rowwise_1"), ROWWISE_ADAGRAD)
+    _one_process(data, checkpoint, 2, str(root / "resumed_rowwise_1"), *ROWWISE)
     _assert_same(ref, str(root / "resumed_rowwise_1"))
     adagrad, rowwise = load_model(str(root / "ref"))[0], load_model(ref)[0]
     table = f"{EMBEDDING_PREFIX}embedding_bags.t_C1.weight"
@@ -168,11 +172,11 @@ def test_rowwise_adagrad_checkpoint_of_one_process_resumes_on_two_ranks(data_and
     whole ([rows]) reshards 1 -> 2 into each rank's rows."""
     root, data = data_and_reference
     checkpoint = str(root / "ckpt_rowwise_1_to_2")
-    _one_process(data, checkpoint, 1, str(root / "half_rowwise_1"), ROWWISE_ADAGRAD)
+    _one_process(data, checkpoint, 1, str(root / "half_rowwise_1"), *ROWWISE)
     with open(os.path.join(checkpoint, "manifest.json")) as f:
         assert json.load(f)["meta"]["world_size"] == 1
     _assert_one_sum_per_row(checkpoint, data)
-    run_on_ranks(_train, data, checkpoint, 2, str(root / "resumed_rowwise_2"), ROWWISE_ADAGRAD,
+    run_on_ranks(_train, data, checkpoint, 2, str(root / "resumed_rowwise_2"), *ROWWISE,
                  world_size=2)
     _assert_same(rowwise_reference, str(root / "resumed_rowwise_2"))
 
