@@ -55,7 +55,7 @@ from torchrec_mec.pipeline import (  # noqa: E402
     run_stages,
     stage_dir,
 )
-from torchrec_mec.pipeline.compare import read_comparisons  # noqa: E402
+from torchrec_mec.pipeline.compare import COMPARISONS_FILE, read_comparisons  # noqa: E402
 
 
 def one_run(args: argparse.Namespace, seed: int) -> Dict[str, Any]:
@@ -109,11 +109,15 @@ def compare_only(args: argparse.Namespace, seed: int, settings: Any, out: str,
 
 
 def variant_rows(rows: List[Dict[str, Any]], run_dir: str, suffix: str) -> List[Dict[str, Any]]:
-    """The comparisons of ``run_dir`` but its baseline, each method named ``METHOD SUFFIX``.
+    """The comparisons of ``run_dir`` but its baseline, each method named ``METHOD SUFFIX``;
+    none (said on stdout) where ``run_dir`` has no finished comparison.
 
     Raises:
         ValueError: its baseline is not the one of ``rows`` (another pre-training).
     """
+    if not os.path.isfile(os.path.join(stage_dir(run_dir, "compare"), COMPARISONS_FILE)):
+        print(f"{run_dir}: no finished comparison, no '{suffix}' rows for it", flush=True)
+        return []
     other = read_comparisons(stage_dir(run_dir, "compare"))["comparisons"]
     ours = [(r["auc"], r["logloss"]) for r in rows if r["method"] == "baseline"]
     theirs = [(r["auc"], r["logloss"]) for r in other if r["method"] == "baseline"]
