@@ -1,6 +1,7 @@
 """The stage graph and its runner: lineage recorded and checked, every artifact verified in full
 before a stage is skipped, and no report that pairs outputs of two runs (issue 11's probes)."""
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -30,6 +31,8 @@ from torchrec_mec.pipeline.outputs import load_exported_model, load_model
 from torchrec_mec.pipeline.lineage import Digests, combined_digest, read_record
 
 SYNTHETIC = DataSource("synthetic")
+# The module, not the function the package exports under the same name.
+graph_module = importlib.import_module("torchrec_mec.pipeline.graph")
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +191,34 @@ def test_pretrain_with_another_seed_then_report_refuses(finished_run, tmp_path, 
     assert [s for s, o in done.items() if o.ran] == ["compress", "finetune", "evaluate", "report"]
     report = read_report(out)
     assert report["settings"]["pretrain"]["seed"] == 5
+
+
+def test_a_rerun_killed_part_way_resumes_rather_than_redoing_from_scratch(finished_run, tmp_path,
+                                                                         monkeypatch):
+    """A finished stage reruns (a setting changed) and dies after rewriting part of its
+    outputs: the earlier record must be gone, so the next run reads "has not finished" and
+    resumes, instead of "damaged outputs" and a redo from scratch (which deleted a killed
+    ``mec compare``'s finished cells)."""
+    out = _copy(finished_run, tmp_path)
+    metrics = os.path.join(out, "evaluate", "metrics.mec")
+    changed = tiny_settings(evaluate__batch_size=7)
+
+    def killed(*args, **kwargs):
+        with open(metrics, "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(graph_module, "evaluate", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_stages(out, "evaluate", changed, progress=False)
+    record, why = read_record(out, "evaluate")
+    assert record is None and "no record of it finishing" in why
+    monkeypatch.undo()
+    done = run_stages(out, "evaluate", changed, progress=False)
+    assert done["evaluate"].ran and done["evaluate"].reason.startswith("no record of it finishing")
+    assert read_record(out, "evaluate")[0].settings["batch_size"] == 7
+    assert _sha256(metrics) == read_record(out, "evaluate")[0].outputs["evaluate/metrics.mec"][
+        "evaluate/metrics.mec"]
 
 
 def test_changed_setting_reruns_the_stage_and_names_it(finished_run, tmp_path):

@@ -13,7 +13,9 @@ rank 0 decides and every rank follows:
   read, and, for a stage the runner may run, the settings it reads are those it ran with;
 - otherwise it **runs**, if the runner may run it (the target always; the stages in ``redo``,
   e.g. all of them for ``mec run``), with the reason logged; outputs found damaged are redone
-  from scratch (``force``);
+  from scratch (``force``). Its record is removed as it starts, so a run killed part-way
+  leaves a stage that "has not finished" and resumes (its checkpoints, ``mec compare``'s
+  finished cells), not one whose outputs look damaged;
 - a stage the runner may not run is **refused** with :class:`StageError`, which names the stage,
   what is wrong and the commands that fix it, before anything runs: ``mec report`` in a run whose
   pre-training was redone since the evaluation refuses rather than pair the new model with the
@@ -48,6 +50,7 @@ from torchrec_mec.pipeline.lineage import (
     damaged_outputs,
     now,
     read_record,
+    remove_record,
     settings_digest,
     write_record,
 )
@@ -237,6 +240,10 @@ class _Runner:
     def execute(self, s: Stage, decision: _Decision) -> None:
         self._log("%s: running (%s)", s.name, decision.reason)
         call = self.call(decision.force)
+        # A run that dies part-way then reads "has not finished" and resumes from the stage's
+        # own checkpoints, rather than finding the earlier record's outputs changed and
+        # redoing the stage from scratch.
+        run_on_main(lambda: remove_record(self.run_dir, s.name), self.ctx)
         try:
             s.body(call)
         except ArtifactError as e:
