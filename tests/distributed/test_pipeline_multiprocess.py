@@ -26,7 +26,9 @@ OVERRIDES = {
     "model.embedding_dim": 8, "model.dense_hidden_sizes": [16], "model.over_hidden_sizes": [16],
     "pretrain.epochs": 2, "pretrain.batch_size": 128, "pretrain.checkpoint_every": 7,
     "pretrain.embedding_l2": 1e-2, "pretrain.validate_every": 10, "pretrain.patience": 0,
+    # Distillation: on 2 ranks the teacher is sharded, in the 1-process reference it is whole.
     "finetune.epochs": 1, "finetune.batch_size": 128, "finetune.embedding_l2": 1e-2,
+    "finetune.distill_weight": 0.5,
     "compress.min_rows": 300,
     "compress.quantizer": {"num_subspaces": 2, "codebook_size": 16, "epochs": 2,
                            "samples_per_epoch": 1024, "batch_size": 512, "eval_rows": 0,

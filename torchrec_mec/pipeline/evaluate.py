@@ -20,13 +20,16 @@ from torchrec_mec.artifacts import load_artifact, save_artifact
 from torchrec_mec.data import CTRDataset
 from torchrec_mec.pipeline.prepare import open_dataset
 from torchrec_mec.models import CTRModel
-from torchrec_mec.pipeline.outputs import METRICS_FILE, METRICS_KIND, load_tables, model_skeleton
+from torchrec_mec.pipeline.outputs import (
+    METRICS_FILE,
+    METRICS_KIND,
+    load_for_inference,
+    model_skeleton,
+)
 from torchrec_mec.pipeline.parallel import (
     DistContext,
     barrier,
     init_distributed,
-    materialize,
-    shard_model,
 )
 from torchrec_mec.pipeline.settings import Settings
 
@@ -186,10 +189,7 @@ def evaluate(
     for name, folder in (("baseline", baseline_dir), ("mec", mec_dir)):
         model, _ = model_skeleton(folder)  # tables on meta: each rank loads its shards
         memory[name] = embedding_memory(model)
-        runner = shard_model(model, ctx, embedding_lr=None) if ctx.distributed else model
-        materialize(runner, ctx.device)
-        load_tables(folder, runner, ctx)
-        runner.to(ctx.device)
+        runner = load_for_inference(model, folder, ctx)
         metrics = evaluate_model(runner, dataset, "test", settings.evaluate.batch_size, ctx,
                                  progress=progress, desc=f"evaluate {name}")
         results[name] = asdict(metrics)

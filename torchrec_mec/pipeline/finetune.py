@@ -29,7 +29,9 @@ from torchrec_mec.pipeline.outputs import (
     TABLES_KIND,
     TABLES_MANIFEST,
     fingerprint,
+    load_for_inference,
     load_model,
+    model_skeleton,
     architecture,
     build_from_architecture,
     save_model,
@@ -208,7 +210,9 @@ def finetune(
         model, restore = sharded_start(pretrain_dir, compress_dir)
     torch.manual_seed(settings.finetune.seed)
     arch = architecture(model)  # before DMP shards the model in place
-    teacher = load_model(pretrain_dir)[0] if settings.finetune.distill_weight else None
+    # The teacher loads as evaluate loads a model: under torchrun each rank holds its shards.
+    teacher = (load_for_inference(model_skeleton(pretrain_dir)[0], pretrain_dir, ctx)
+               if settings.finetune.distill_weight else None)
     result = train_model(model, dataset, settings.finetune, ctx=ctx, checkpoint_uri=checkpoint,
                          fingerprint=want, eval_batch_size=settings.evaluate.batch_size,
                          restore=restore, desc="finetune", progress=progress, teacher=teacher,

@@ -37,7 +37,7 @@ from torch import nn
 
 from torchrec_mec.artifacts import ArtifactError, load_artifact, read_artifact_header, save_artifact
 from torchrec_mec.models import CTRModel, ModelConfig, build_model
-from torchrec_mec.pipeline.parallel import DistContext, barrier
+from torchrec_mec.pipeline.parallel import DistContext, barrier, materialize, shard_model
 from torchrec_mec.pipeline.state_dirs import (
     MANIFEST,
     ONE_PROCESS,
@@ -215,6 +215,23 @@ def load_tables(model_dir: str, model: nn.Module, ctx: DistContext = ONE_PROCESS
     wanted = [k for k in (state if keys is None else keys) if k.startswith(EMBEDDING_PREFIX)]
     load_state(uri, {k[len(EMBEDDING_PREFIX):]: state[k] for k in wanted}, ctx, TABLES_KIND)
     model.load_state_dict(state)  # parts of a state dict may be copies, not views
+
+
+def load_for_inference(model: CTRModel, model_dir: str, ctx: DistContext = ONE_PROCESS
+                       ) -> nn.Module:
+    """``model`` (from :func:`model_skeleton` of ``model_dir``, tables on meta) ready to score:
+    under torchrun sharded by ``DistributedModelParallel`` without optimizer state, each rank
+    loading only its shards of ``model_dir/tables/``; in one process the model itself with its
+    tables loaded. What ``evaluate`` scores and stage 3's distillation teacher. A collective
+    when ``ctx.distributed``.
+
+    Raises:
+        ArtifactError: the state directory fails its checks, or lacks an entry (names it).
+    """
+    runner = shard_model(model, ctx, embedding_lr=None) if ctx.distributed else model
+    materialize(runner, ctx.device)
+    load_tables(model_dir, runner, ctx)
+    return runner.to(ctx.device)
 
 
 def load_model(model_dir: str) -> Tuple[CTRModel, Dict[str, Any]]:
