@@ -171,6 +171,7 @@ def write_record(run_dir: str, record: StageRecord) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(record.to_json(), f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+    clear_running(run_dir, record.stage)
 
 
 def remove_record(run_dir: str, stage: str) -> None:
@@ -178,6 +179,31 @@ def remove_record(run_dir: str, stage: str) -> None:
     path = record_path(run_dir, stage)
     if os.path.isfile(path):
         os.remove(path)
+
+
+def running_path(run_dir: str, stage: str) -> str:
+    """Where the marker of a started, not yet finished run of ``stage`` is written."""
+    return os.path.join(run_dir, RECORD_DIR, f"{stage}.running")
+
+
+def mark_running(run_dir: str, stage: str) -> None:
+    """Marks ``stage`` as started; :func:`write_record` clears the mark when it finishes."""
+    path = running_path(run_dir, stage)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(now())
+
+
+def clear_running(run_dir: str, stage: str) -> None:
+    """Removes the mark of :func:`mark_running`, if any."""
+    path = running_path(run_dir, stage)
+    if os.path.isfile(path):
+        os.remove(path)
+
+
+def was_interrupted(run_dir: str, stage: str) -> bool:
+    """Whether a run of ``stage`` started and did not finish (killed or failed)."""
+    return os.path.isfile(running_path(run_dir, stage))
 
 
 def now() -> str:

@@ -13,9 +13,11 @@ rank 0 decides and every rank follows:
   read, and, for a stage the runner may run, the settings it reads are those it ran with;
 - otherwise it **runs**, if the runner may run it (the target always; the stages in ``redo``,
   e.g. all of them for ``mec run``), with the reason logged; outputs found damaged are redone
-  from scratch (``force``). Its record is removed as it starts, so a run killed part-way
-  leaves a stage that "has not finished" and resumes (its checkpoints, ``mec compare``'s
-  finished cells), not one whose outputs look damaged;
+  from scratch (``force``). A stage is marked as running when it starts (the mark goes when
+  its record is written): outputs that a run killed or failed part-way changed then read as
+  "has not finished" and the stage resumes (its checkpoints, ``mec compare``'s finished
+  cells), not as damage redone from scratch; a failed run that changed nothing leaves the
+  stage up to date;
 - a stage the runner may not run is **refused** with :class:`StageError`, which names the stage,
   what is wrong and the commands that fix it, before anything runs: ``mec report`` in a run whose
   pre-training was redone since the evaluation refuses rather than pair the new model with the
@@ -46,11 +48,13 @@ from torchrec_mec.pipeline.lineage import (
     ABSENT,
     Digests,
     changed_inputs,
+    clear_running,
     StageRecord,
     damaged_outputs,
     now,
+    mark_running,
     read_record,
-    remove_record,
+    was_interrupted,
     settings_digest,
     write_record,
 )
@@ -222,8 +226,12 @@ class _Runner:
             unknown_source = s.name == DATA_STAGE and self.source is None  # "as prepared"
             if problem is None and may_run and s.reads is not None and not unknown_source:
                 problem = _changed_settings(record.settings, s.settings_of(self.call(False)))
+        if what == "has damaged outputs" and problem is not None and was_interrupted(
+                self.run_dir, s.name):
+            problem, what = f"its last run did not finish ({problem})", "has not finished"
         damaged = problem is not None and what == "has damaged outputs"
         if problem is None and not forced:
+            clear_running(self.run_dir, s.name)  # a failed run that changed nothing
             self._log("%s: up to date (%s verified)", s.name, ", ".join(s.outputs))
             return _Decision(False, "up to date")
         if problem is not None and not may_run:
@@ -240,10 +248,9 @@ class _Runner:
     def execute(self, s: Stage, decision: _Decision) -> None:
         self._log("%s: running (%s)", s.name, decision.reason)
         call = self.call(decision.force)
-        # A run that dies part-way then reads "has not finished" and resumes from the stage's
-        # own checkpoints, rather than finding the earlier record's outputs changed and
-        # redoing the stage from scratch.
-        run_on_main(lambda: remove_record(self.run_dir, s.name), self.ctx)
+        # Outputs of the earlier record that a run killed part-way changed are then its own
+        # work, resumed from the stage's checkpoints, not damage redone from scratch.
+        run_on_main(lambda: mark_running(self.run_dir, s.name), self.ctx)
         try:
             s.body(call)
         except ArtifactError as e:
