@@ -174,13 +174,6 @@ def write_record(run_dir: str, record: StageRecord) -> None:
     clear_running(run_dir, record.stage)
 
 
-def remove_record(run_dir: str, stage: str) -> None:
-    """Removes the stage's record, if any."""
-    path = record_path(run_dir, stage)
-    if os.path.isfile(path):
-        os.remove(path)
-
-
 def running_path(run_dir: str, stage: str) -> str:
     """Where the marker of a started, not yet finished run of ``stage`` is written."""
     return os.path.join(run_dir, RECORD_DIR, f"{stage}.running")
