@@ -265,14 +265,36 @@ def test_every_part_can_be_switched_off():
     assert res.stats.relative_mse < 1.0
 
 
-def test_early_stopping_keeps_the_best_evaluated_state():
+@pytest.mark.parametrize("metric", ["error", "loss"])
+def test_early_stopping_keeps_the_best_evaluated_state(metric):
     weight, counts = gaussian_table(4)
     # A huge learning rate wrecks the codebooks: the k-means start (epoch 0) must be kept.
-    cfg = MECConfig(**{**SMALL, "epochs": 20, "lr": 50.0}, early_stopping_patience=2)
+    cfg = MECConfig(**{**SMALL, "epochs": 20, "lr": 50.0}, early_stopping_patience=2,
+                    early_stopping_metric=metric)
     res = quantize_table(weight, counts, cfg, progress=False)
     assert res.stats.best_epoch == 0 and res.stats.epochs_run == 2
     assert len(res.stats.eval_loss) == 3
     assert res.stats.eval_loss[0] == min(res.stats.eval_loss)
+
+
+def test_early_stopping_on_error_keeps_no_state_worse_than_the_kmeans_start():
+    g = torch.Generator().manual_seed(4)
+    weight = torch.randn(3000, 8, generator=g) * torch.exp(torch.randn(3000, 1, generator=g))
+    counts = torch.randint(0, 50, (3000,), generator=g)
+    # Heavy usage and contrastive terms: the objective falls while the reconstruction error rises.
+    base = {**SMALL, "epochs": 10, "reg_weight": 1.0, "contrastive_weight": 0.5,
+            "eval_rows": 4096, "early_stopping_patience": 3}
+    start = quantize_table(weight, counts, MECConfig(**{**base, "epochs": 0}), progress=False)
+    by_loss = quantize_table(weight, counts, MECConfig(**base, early_stopping_metric="loss"),
+                             progress=False)
+    by_error = quantize_table(weight, counts, MECConfig(**base), progress=False)
+    assert by_loss.stats.best_epoch > 0  # the objective kept improving ...
+    assert by_loss.stats.traffic_mse > 1.03 * start.stats.traffic_mse  # ... at the error's cost
+    errors = by_error.stats.eval_loss
+    assert errors[by_error.stats.best_epoch] == min(errors)
+    assert by_error.stats.epochs_run < base["epochs"]  # stopped after the patience
+    # The same k-means start up to its random draw (the evaluation rows are drawn first).
+    assert by_error.stats.traffic_mse < 1.02 * start.stats.traffic_mse
 
 
 def test_dead_codewords_are_reseeded():

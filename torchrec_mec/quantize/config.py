@@ -8,6 +8,7 @@ from torchrec_mec.modules.quantized_embedding_configs import MAX_CODEBOOK_SIZE
 ENCODERS = ("mlp", "linear", "none")
 WEIGHTINGS = ("traffic", "published", "uniform")
 METHODS = ("mec", "kmeans_pq")
+EARLY_STOPPING_METRICS = ("error", "loss")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,13 @@ class MECConfig:
         kmeans_iters (int): Lloyd iterations after k-means++ seeding.
         kmeans_points_per_centroid (int): k-means sample size is this times K (capped at N*4).
         early_stopping_patience (int): stop after this many epochs without improvement of the
-            evaluation loss and keep the best state; 0 trains all epochs.
+            evaluation metric and keep the best state (the k-means initialisation included);
+            0 trains all epochs.
+        early_stopping_metric (str): what early stopping measures on the evaluation rows:
+            ``"error"`` (their weighted squared reconstruction error through the codes, as the
+            table is exported: the gradient training keeps a state only where it lowers the
+            error the model will see) or ``"loss"`` (the training objective, with the encoder,
+            usage and contrastive terms). docs/quantizer.md has the measured choice.
         eval_rows (int): size of the fixed, weighted draw of rows the early-stopping loss is
             measured on (0: no early stopping).
 
@@ -98,6 +105,7 @@ class MECConfig:
     kmeans_iters: int = 20
     kmeans_points_per_centroid: int = 128
     early_stopping_patience: int = 5
+    early_stopping_metric: str = "error"
     eval_rows: int = 16_384
 
     def __post_init__(self) -> None:
@@ -129,6 +137,9 @@ class MECConfig:
             raise ValueError(
                 f"MECConfig.weighting must be one of {WEIGHTINGS}, got {self.weighting!r}"
             )
+        if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
+            raise ValueError(f"MECConfig.early_stopping_metric must be one of "
+                             f"{EARLY_STOPPING_METRICS}, got {self.early_stopping_metric!r}")
         if self.kmeans_points_per_centroid < 1:
             raise ValueError("MECConfig.kmeans_points_per_centroid must be >= 1")
         if self.epochs == 0 and not self.kmeans_init:

@@ -64,7 +64,8 @@ class QuantizeStats:
         dead_codewords (List[int]): per codebook, codewords no row uses.
         epochs_run (int): training epochs done (the rest were cut by early stopping).
         best_epoch (int): the epoch whose state was kept (0: the k-means initialisation).
-        eval_loss (List[float]): early-stopping loss after initialisation and after each epoch.
+        eval_loss (List[float]): the early-stopping metric (``config.early_stopping_metric``)
+            after initialisation and after each epoch.
         resumed_from_epoch (int): epoch of the checkpoint this run resumed from (0: none).
         seconds (float): wall time of training and encoding, summed over resumed runs.
 
@@ -230,7 +231,7 @@ def quantize_table(
         del rows, row_w
         state = _TrainState(best_state=_copy_state(model), done=config.epochs == 0)
         if eval_rows.numel():
-            state.history.append(_eval_loss(model, weight, eval_rows, eval_weights, config))
+            state.history.append(_evaluate(model, weight, eval_rows, eval_weights, config))
             state.best_loss = state.history[0]
     else:
         logger.info("table %r: resuming from the checkpoint of epoch %d", name, state.epoch)
@@ -241,7 +242,7 @@ def quantize_table(
         state.epoch += 1
         train_loss = _train_epoch(model, optimizer, weight, pop, config, generator)
         if eval_rows.numel():
-            loss = _eval_loss(model, weight, eval_rows, eval_weights, config)
+            loss = _evaluate(model, weight, eval_rows, eval_weights, config)
             state.history.append(loss)
             if loss < state.best_loss * (1 - _MIN_IMPROVEMENT):
                 state.best_loss, state.best_epoch, state.bad_epochs = loss, state.epoch, 0
@@ -423,6 +424,37 @@ def _reseed_dead(
         for key in ("exp_avg", "exp_avg_sq"):
             if key in adam:
                 adam[key][m, dead] = 0
+
+
+def _evaluate(
+    model: MECQuantizer,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    config: MECConfig,
+) -> float:
+    """The early-stopping metric on the evaluation rows (``config.early_stopping_metric``)."""
+    if config.early_stopping_metric == "error":
+        return _eval_error(model, weight, rows, weights, config)
+    return _eval_loss(model, weight, rows, weights, config)
+
+
+@torch.no_grad()
+def _eval_error(
+    model: MECQuantizer,
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    config: MECConfig,
+) -> float:
+    """Weighted mean squared error per element of the evaluation rows, encoded and decoded as
+    the exported table would be (embedding space)."""
+    total = 0.0
+    for start in range(0, rows.numel(), config.batch_size):
+        x = weight[rows[start : start + config.batch_size]].float()
+        err = (x - model.decode(model.compute_codes(x))).pow(2).mean(1)
+        total += float(err @ weights[start : start + config.batch_size])
+    return total / float(weights.sum())
 
 
 @torch.no_grad()
