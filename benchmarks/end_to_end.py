@@ -275,7 +275,8 @@ def main() -> None:
     if args.compare:
         text, table = comparison_table(rows)
         summary["comparisons"] = table
-        pairs = [("mec", "kmeans_pq"), ("mec", "baseline"), ("kmeans_pq", "baseline")]
+        pairs = [("mec", "kmeans_pq"), ("mec", "baseline"), ("kmeans_pq", "baseline"),
+                 ("mec", "hashing"), ("mec", "small_dim"), ("hashing", "baseline")]
         for folder, suffix in args.variant:
             methods = {c["method"] for r in rows for c in r["comparisons"]
                        if c["method"].endswith(f" {suffix}")}

@@ -152,7 +152,8 @@ def test_codes_in_range_and_packed(k):
 def test_planted_codebook_is_recovered_to_the_noise_floor():
     sigma = 0.01
     rows, counts, planted, planted_codes = planted_table(0, n=4000, m=4, k=16, d=4, sigma=sigma)
-    cfg = MECConfig(**{**SMALL, "num_subspaces": 4})
+    # Every row, seen or not, is a planted codeword plus noise: all of them are encoded.
+    cfg = MECConfig(**{**SMALL, "num_subspaces": 4}, unseen_rows="nearest")
     res = quantize_table(rows, counts, cfg, progress=False)
     assert res.stats.mse < 1.2 * sigma**2  # the noise floor is sigma^2 per element
     # Every planted codeword has a learned one within a few noise standard deviations ...
@@ -248,7 +249,7 @@ def test_usage_regularizer_raises_perplexity():
     weight = torch.randn(6000, 8, generator=g) * torch.exp(torch.randn(6000, 1, generator=g))
     counts = torch.randint(0, 100, (6000,), generator=g)
     base = {**SMALL, "epochs": 8, "lr": 1e-2, "contrastive_weight": 0.0,
-            "early_stopping_patience": 0}
+            "early_stopping_patience": 0, "unseen_rows": "nearest"}  # perplexity over all rows
     off = quantize_table(weight, counts, MECConfig(**base, reg_weight=0.0), progress=False)
     on = quantize_table(weight, counts, MECConfig(**base, reg_weight=1.0), progress=False)
     for with_reg, without in zip(on.stats.perplexity, off.stats.perplexity):
@@ -295,6 +296,37 @@ def test_early_stopping_on_error_keeps_no_state_worse_than_the_kmeans_start():
     assert by_error.stats.epochs_run < base["epochs"]  # stopped after the patience
     # The same k-means start up to its random draw (the evaluation rows are drawn first).
     assert by_error.stats.traffic_mse < 1.02 * start.stats.traffic_mse
+
+
+def test_rows_never_seen_decode_to_zero_through_the_least_used_codeword():
+    weight, counts = gaussian_table(6, n=3000)
+    counts[::3] = 0  # a third of the rows never seen in training
+    base = {**SMALL, "encoder": "none", "epochs": 2}
+    near = quantize_table(weight, counts, MECConfig(**base, unseen_rows="nearest"), progress=False)
+    zero = quantize_table(weight, counts, MECConfig(**base), progress=False)
+    unseen, m = counts == 0, SMALL["num_subspaces"]
+    cb = zero.codebooks.double()
+    decoded = cb[torch.arange(m), zero.codes.long()].flatten(-2)
+    assert decoded[unseen].abs().max() < 1e-5
+    for j in range(m):
+        # The codeword moved is the one the seen rows' traffic used least under "nearest".
+        traffic = torch.bincount(near.codes[~unseen, j].long(), weights=counts[~unseen].double(),
+                                 minlength=SMALL["codebook_size"])
+        moved = int(torch.argmin(traffic))
+        assert (zero.codes[unseen, j].long() == moved).all()
+        other = torch.arange(SMALL["codebook_size"]) != moved
+        assert torch.equal(zero.codebooks[j, other], near.codebooks[j, other])
+        # Seen rows: the nearest codeword of the final codebook (float64 brute force).
+        sub = weight[~unseen, j * 4 : (j + 1) * 4].double()
+        nearest = torch.cdist(sub, cb[j]).argmin(1)
+        assert (zero.codes[~unseen, j].long() == nearest).float().mean() > 0.999
+    near_decoded = near.codebooks[torch.arange(m), near.codes.long()].flatten(-2)
+    assert near_decoded[unseen].abs().amax(1).min() > 1e-2  # "nearest": trained codewords
+    assert zero.stats.traffic_mse < 1.1 * near.stats.traffic_mse
+
+
+def test_kmeans_pq_encodes_every_row_to_its_nearest_codeword():
+    assert MECConfig().kmeans_pq().unseen_rows == "nearest"
 
 
 def test_dead_codewords_are_reseeded():

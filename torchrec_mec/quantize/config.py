@@ -9,6 +9,7 @@ ENCODERS = ("mlp", "linear", "none")
 WEIGHTINGS = ("traffic", "published", "uniform")
 METHODS = ("mec", "kmeans_pq")
 EARLY_STOPPING_METRICS = ("error", "loss")
+UNSEEN_ROWS = ("zero", "nearest")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class MECConfig:
             table is exported: the gradient training keeps a state only where it lowers the
             error the model will see) or ``"loss"`` (the training objective, with the encoder,
             usage and contrastive terms). docs/quantizer.md has the measured choice.
+        unseen_rows (str): the codes of rows never seen in training (count 0), in a table that
+            has seen rows too: ``"zero"`` (in every codebook the codeword of least traffic is
+            moved to zero and they take it, so they decode to the zero row: what a full table
+            keeps for them, its small random initialisation, is near zero; rows whose nearest
+            codeword it is take it too) or ``"nearest"`` (their nearest codeword, as every other
+            row's). docs/quantizer.md has the measured choice.
         eval_rows (int): size of the fixed, weighted draw of rows the early-stopping loss is
             measured on (0: no early stopping).
 
@@ -106,6 +113,7 @@ class MECConfig:
     kmeans_points_per_centroid: int = 128
     early_stopping_patience: int = 5
     early_stopping_metric: str = "error"
+    unseen_rows: str = "zero"
     eval_rows: int = 16_384
 
     def __post_init__(self) -> None:
@@ -140,6 +148,9 @@ class MECConfig:
         if self.early_stopping_metric not in EARLY_STOPPING_METRICS:
             raise ValueError(f"MECConfig.early_stopping_metric must be one of "
                              f"{EARLY_STOPPING_METRICS}, got {self.early_stopping_metric!r}")
+        if self.unseen_rows not in UNSEEN_ROWS:
+            raise ValueError(f"MECConfig.unseen_rows must be one of {UNSEEN_ROWS}, "
+                             f"got {self.unseen_rows!r}")
         if self.kmeans_points_per_centroid < 1:
             raise ValueError("MECConfig.kmeans_points_per_centroid must be >= 1")
         if self.epochs == 0 and not self.kmeans_init:
@@ -152,11 +163,13 @@ class MECConfig:
     def kmeans_pq(self) -> "MECConfig":
         """Plain k-means product quantization with this config's M, K, seed and k-means
         settings: every row weighs 1, no encoder, no usage or contrastive term, no gradient
-        training. The codes and codebooks have the same format as MEC's; this is the
-        ``kmeans_pq`` method of comparisons (``for_method("kmeans_pq")``)."""
+        training, every row encoded to its nearest codeword. The codes and codebooks have the
+        same format as MEC's; this is the ``kmeans_pq`` method of comparisons
+        (``for_method("kmeans_pq")``)."""
         return dataclasses.replace(
             self, weighting="uniform", encoder="none", reg_weight=0.0, contrastive_weight=0.0,
-            reseed_dead=False, kmeans_init=True, epochs=0, early_stopping_patience=0)
+            reseed_dead=False, kmeans_init=True, epochs=0, early_stopping_patience=0,
+            unseen_rows="nearest")
 
     def for_method(self, method: str) -> "MECConfig":
         """The config of a named quantization method: ``"mec"`` (this config) or

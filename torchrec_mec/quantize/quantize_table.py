@@ -265,6 +265,10 @@ def quantize_table(
 
     model.load_state_dict(state.best_state)
     codes, row_error = _encode_all(model, weight, config, name, progress)
+    unseen = counts == 0
+    if config.unseen_rows == "zero" and bool(unseen.any()) and not bool(unseen.all()):
+        zero = _zero_codeword(model, codes, pop, unseen)
+        codes, row_error = _encode_all(model, weight, config, name, progress, (unseen, zero))
     stats = _statistics(weight, counts, pop, codes, row_error, config, state, resumed_from)
     stats.seconds = state.seconds + time.perf_counter() - started
     return QuantizeResult(codes=codes, codebooks=model.export_codebooks(), stats=stats)
@@ -485,10 +489,33 @@ def _eval_loss(
 
 
 @torch.no_grad()
+def _zero_codeword(
+    model: MECQuantizer, codes: torch.Tensor, pop: torch.Tensor, unseen: torch.Tensor
+) -> torch.Tensor:
+    """Moves, in every codebook, the codeword of least traffic (``pop`` summed over the seen
+    rows that chose it) to the point that decodes to zero; returns their indices [M]."""
+    seen = ~unseen
+    zero = torch.empty(model.num_subspaces, dtype=torch.long)
+    for m in range(model.num_subspaces):
+        traffic = torch.bincount(codes[seen, m].long(), weights=pop[seen].double(),
+                                 minlength=model.codebook_size)
+        zero[m] = torch.argmin(traffic)  # the first of the least used
+        sub = slice(m * model.sub_dim, (m + 1) * model.sub_dim)
+        model.codebooks[m, zero[m]] = -model.mean[sub] / model.scale
+    return zero
+
+
+@torch.no_grad()
 def _encode_all(
-    model: MECQuantizer, weight: torch.Tensor, config: MECConfig, name: str, progress: bool
+    model: MECQuantizer,
+    weight: torch.Tensor,
+    config: MECConfig,
+    name: str,
+    progress: bool,
+    forced: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes [N, M] of every row and each row's squared error per element [N]."""
+    """Packed codes [N, M] of every row and each row's squared error per element [N]. With
+    ``forced`` = (rows [N] bool, codes [M]), the rows set take those codes, not their nearest."""
     n = weight.shape[0]
     chunk = search_chunk_rows(config.num_subspaces, config.codebook_size)
     codes = torch.empty(n, config.num_subspaces, dtype=code_dtype(config.codebook_size))
@@ -498,6 +525,8 @@ def _encode_all(
         for start in range(0, n, chunk):
             rows = weight[start : start + chunk]
             c = model.compute_codes(rows, chunk_rows=chunk)
+            if forced is not None:
+                c = torch.where(forced[0][start : start + chunk, None], forced[1], c)
             codes[start : start + chunk] = c.to(codes.dtype)
             row_error[start : start + chunk] = (rows.float() - model.decode(c)).pow(2).mean(1)
             bar.update(rows.shape[0])
