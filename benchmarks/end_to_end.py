@@ -281,7 +281,7 @@ def main() -> None:
             methods = {c["method"] for r in rows for c in r["comparisons"]
                        if c["method"].endswith(f" {suffix}")}
             pairs += [(m, o) for m in sorted(methods)
-                      for o in (m[:-len(suffix) - 1], "kmeans_pq", "baseline")]
+                      for o in (m[:-len(suffix) - 1], "kmeans_pq", "hashing", "baseline")]
         for method, other in dict.fromkeys(pairs):  # kmeans_pq SUFFIX: one pair twice
             diffs = summary[f"{method}_minus_{other}"] = paired_differences(rows, method, other)
             text += "".join(f"\n{method} - {other} at {k}, per seed: {m:+.4f} +- {sd:.4f} "
