@@ -219,6 +219,7 @@ def quantize_table(
         dim, config.num_subspaces, config.codebook_size, config.encoder, generator=generator
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    evaluate = _eval_error if config.early_stopping_metric == "error" else _eval_loss
     fingerprint = table_fingerprint(weight, counts, config)
 
     state = _load_checkpoint(checkpoint_uri, fingerprint, model, optimizer, generator, name)
@@ -231,7 +232,7 @@ def quantize_table(
         del rows, row_w
         state = _TrainState(best_state=_copy_state(model), done=config.epochs == 0)
         if eval_rows.numel():
-            state.history.append(_evaluate(model, weight, eval_rows, eval_weights, config))
+            state.history.append(evaluate(model, weight, eval_rows, eval_weights, config))
             state.best_loss = state.history[0]
     else:
         logger.info("table %r: resuming from the checkpoint of epoch %d", name, state.epoch)
@@ -242,7 +243,7 @@ def quantize_table(
         state.epoch += 1
         train_loss = _train_epoch(model, optimizer, weight, pop, config, generator)
         if eval_rows.numel():
-            loss = _evaluate(model, weight, eval_rows, eval_weights, config)
+            loss = evaluate(model, weight, eval_rows, eval_weights, config)
             state.history.append(loss)
             if loss < state.best_loss * (1 - _MIN_IMPROVEMENT):
                 state.best_loss, state.best_epoch, state.bad_epochs = loss, state.epoch, 0
@@ -264,11 +265,11 @@ def quantize_table(
     bar.close()
 
     model.load_state_dict(state.best_state)
-    codes, row_error = _encode_all(model, weight, config, name, progress)
     unseen = counts == 0
+    forced = None
     if config.unseen_rows == "zero" and bool(unseen.any()) and not bool(unseen.all()):
-        zero = _zero_codeword(model, codes, pop, unseen)
-        codes, row_error = _encode_all(model, weight, config, name, progress, (unseen, zero))
+        forced = (unseen, _zero_codeword(model, weight, pop, ~unseen))
+    codes, row_error = _encode_all(model, weight, config, name, progress, forced)
     stats = _statistics(weight, counts, pop, codes, row_error, config, state, resumed_from)
     stats.seconds = state.seconds + time.perf_counter() - started
     return QuantizeResult(codes=codes, codebooks=model.export_codebooks(), stats=stats)
@@ -430,19 +431,6 @@ def _reseed_dead(
                 adam[key][m, dead] = 0
 
 
-def _evaluate(
-    model: MECQuantizer,
-    weight: torch.Tensor,
-    rows: torch.Tensor,
-    weights: torch.Tensor,
-    config: MECConfig,
-) -> float:
-    """The early-stopping metric on the evaluation rows (``config.early_stopping_metric``)."""
-    if config.early_stopping_metric == "error":
-        return _eval_error(model, weight, rows, weights, config)
-    return _eval_loss(model, weight, rows, weights, config)
-
-
 @torch.no_grad()
 def _eval_error(
     model: MECQuantizer,
@@ -455,8 +443,8 @@ def _eval_error(
     the exported table would be (embedding space)."""
     total = 0.0
     for start in range(0, rows.numel(), config.batch_size):
-        x = weight[rows[start : start + config.batch_size]].float()
-        err = (x - model.decode(model.compute_codes(x))).pow(2).mean(1)
+        x = weight[rows[start : start + config.batch_size]]
+        err = _row_error(model, x, model.compute_codes(x))
         total += float(err @ weights[start : start + config.batch_size])
     return total / float(weights.sum())
 
@@ -490,19 +478,27 @@ def _eval_loss(
 
 @torch.no_grad()
 def _zero_codeword(
-    model: MECQuantizer, codes: torch.Tensor, pop: torch.Tensor, unseen: torch.Tensor
+    model: MECQuantizer, weight: torch.Tensor, pop: torch.Tensor, seen: torch.Tensor
 ) -> torch.Tensor:
-    """Moves, in every codebook, the codeword of least traffic (``pop`` summed over the seen
-    rows that chose it) to the point that decodes to zero; returns their indices [M]."""
-    seen = ~unseen
-    zero = torch.empty(model.num_subspaces, dtype=torch.long)
-    for m in range(model.num_subspaces):
-        traffic = torch.bincount(codes[seen, m].long(), weights=pop[seen].double(),
-                                 minlength=model.codebook_size)
-        zero[m] = torch.argmin(traffic)  # the first of the least used
+    """Moves, in every codebook, the codeword of least traffic (``pop`` summed over the
+    ``seen`` rows whose nearest it is) to the point that decodes to zero; returns their
+    indices [M]. Only the seen rows are encoded, a chunk at a time."""
+    m_all = model.num_subspaces
+    chunk = search_chunk_rows(m_all, model.codebook_size)
+    traffic = torch.zeros(m_all, model.codebook_size, dtype=torch.float64)
+    for rows in seen.nonzero().squeeze(1).split(chunk):
+        codes = model.compute_codes(weight[rows], chunk_rows=chunk)
+        traffic.scatter_add_(1, codes.t(), pop[rows].double().expand(m_all, -1))
+    zero = traffic.argmin(1)  # per codebook, the first of the least used
+    for m in range(m_all):
         sub = slice(m * model.sub_dim, (m + 1) * model.sub_dim)
         model.codebooks[m, zero[m]] = -model.mean[sub] / model.scale
     return zero
+
+
+def _row_error(model: MECQuantizer, rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """[B] each row's squared error per element, decoded from ``codes`` [B, M]."""
+    return (rows.float() - model.decode(codes)).pow(2).mean(1)
 
 
 @torch.no_grad()
@@ -528,7 +524,7 @@ def _encode_all(
             if forced is not None:
                 c = torch.where(forced[0][start : start + chunk, None], forced[1], c)
             codes[start : start + chunk] = c.to(codes.dtype)
-            row_error[start : start + chunk] = (rows.float() - model.decode(c)).pow(2).mean(1)
+            row_error[start : start + chunk] = _row_error(model, rows, c)
             bar.update(rows.shape[0])
     return codes, row_error
 
