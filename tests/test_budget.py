@@ -250,3 +250,43 @@ def test_plans_share_estimates_through_a_memo(monkeypatch):
     assert plan_tables(tables, pq, 10.0, codebook_sizes=sizes, progress=False,
                        memo=memo) == alone[("uniform", 10.0)]
     assert len(estimated) == sum(map(len, narrower.values()))
+
+
+def _twin_tables():
+    """Two tables of the same size and kind of rows."""
+    g = torch.Generator().manual_seed(0)
+    return {name: (torch.randn(2_000, 8, generator=g), torch.randint(1, 30, (2_000,)))
+            for name in ("a", "b")}
+
+
+def test_table_weights_move_bytes_to_the_weighted_table():
+    tables, sizes = _twin_tables(), (16,)
+    plain = plan_tables(tables, MECConfig(), 10.0, codebook_sizes=sizes, progress=False)
+    memo: dict = {}
+    heavy_a = plan_tables(tables, MECConfig(), 10.0, codebook_sizes=sizes, progress=False,
+                          memo=memo, table_weights={"a": 20.0, "b": 1.0})
+    heavy_b = plan_tables(tables, MECConfig(), 10.0, codebook_sizes=sizes, progress=False,
+                          table_weights={"a": 1.0, "b": 20.0})
+    assert heavy_a["a"].bytes > heavy_a["b"].bytes and heavy_b["b"].bytes > heavy_b["a"].bytes
+    for plan in (heavy_a, heavy_b):
+        assert sum(o.bytes for o in plan.values()) <= 2 * 2_000 * 8 * 4 / 10
+    # Reference: the allocation over the weighted estimates (the memo holds them unweighted).
+    costs = {t: TableCosts(table_bytes(2_000, 8, 0, 0), tuple(
+        TableOption(o.num_subspaces, o.codebook_size, o.bytes, o.error * w)
+        for key, o in memo.items() if key[0] == t)) for t, w in (("a", 20.0), ("b", 1.0))}
+    expected = allocate(costs, 10.0)
+    assert {t: (o.num_subspaces, o.codebook_size) for t, o in heavy_a.items()} == {
+        t: (o.num_subspaces, o.codebook_size) for t, o in expected.items()}
+    # The plan's errors are the estimates themselves, not weighted.
+    assert all(o in memo.values() for o in heavy_a.values() if o.compressed)
+    # Equal weights change nothing.
+    assert plan_tables(tables, MECConfig(), 10.0, codebook_sizes=sizes, progress=False,
+                       table_weights={"a": 3.0, "b": 3.0}) == plain
+
+
+@pytest.mark.parametrize("weights", [{"a": 1.0}, {"a": 1.0, "b": -1.0},
+                                     {"a": 1.0, "b": float("nan")}])
+def test_bad_table_weights_name_the_table(weights):
+    with pytest.raises(ValueError, match="table 'b'"):
+        plan_tables(_twin_tables(), MECConfig(), 10.0, codebook_sizes=(16,), progress=False,
+                    table_weights=weights)

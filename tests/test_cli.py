@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.pipeline_testing import tiny_flags
+from torchrec_mec.artifacts import load_artifact
 from torchrec_mec.cli import build_parser, main, settings_from_args
 
 
@@ -123,7 +124,9 @@ def test_target_ratio_flag_runs_and_reports_the_choice_per_table(tmp_path, capsy
     assert main(argv) == 0
     report = json.loads(open(os.path.join(out, "report.json")).read())
     assert report["memory"]["target_ratio"] == 6 and report["memory"]["ratio"] >= 6
+    _, counts_meta = load_artifact(os.path.join(out, "pretrain", "counts.mec"))
     for name, t in report["tables"].items():
+        assert t["table_weight"] == counts_meta["sensitivity"][name] > 0  # the default weights
         assert t["plan"]["bytes"] == t["bytes_after"]
         assert (t["num_subspaces"], t["codebook_size"]) == (
             t["plan"]["num_subspaces"], t["plan"]["codebook_size"])

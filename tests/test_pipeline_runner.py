@@ -178,8 +178,9 @@ def test_pretrain_with_another_seed_then_report_refuses(finished_run, tmp_path, 
     capsys.readouterr()
     assert main(["report", "--out", out]) == 1
     err = capsys.readouterr().err
-    assert ("report needs compress, which is out of date: pretrain/tables/ changed since it "
-            "ran") in err
+    # counts.mec changed too: it holds the new model's table sensitivity.
+    assert ("report needs compress, which is out of date: pretrain/tables/, "
+            "pretrain/counts.mec changed since it ran") in err
     assert (f"Run `mec compress --out {out}`, then `mec finetune --out {out}`, then "
             f"`mec evaluate --out {out}`") in err
     assert open(os.path.join(out, "report.json")).read() == report_before  # left alone

@@ -1,7 +1,9 @@
 """The four stages and the report on a small generated data set, checked against references
 computed here independently: the models re-scored directly, counts by numpy, bytes by
 arithmetic, the QEBC model against the full model whose tables are the decoded codes."""
+import dataclasses
 import json
+import logging
 import os
 import shutil
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from tests.pipeline_testing import tiny_settings
-from torchrec_mec.artifacts import ArtifactError, load_artifact
+from torchrec_mec.artifacts import ArtifactError, load_artifact, save_artifact
 from torchrec_mec.data import EncodedDataset
 from torchrec_mec.pipeline import (
     compress,
@@ -25,7 +27,10 @@ from torchrec_mec.pipeline import (
     stage_dir,
     summary,
 )
+from torchrec_mec.pipeline.compress import TablesOnDisk
+from torchrec_mec.pipeline.outputs import COUNTS_KIND
 from torchrec_mec.pipeline.parallel import DistContext
+from torchrec_mec.quantize.budget import plan_tables
 
 COMPRESSED = ["t_C1", "t_C2"]  # the tables of >= 300 rows (801 and 401)
 
@@ -253,3 +258,34 @@ def test_target_ratio_plans_every_table_within_the_budget(tiny_run, tmp_path):
     compress(stage_dir(out, "pretrain"), comp, tiny_settings(
         compress__target_ratio=5.0, compress__quantizer__weighting="uniform"), progress=False)
     assert _mtime(os.path.join(comp, "plan.mec")) != before
+
+
+def test_target_ratio_weighs_tables_by_stage_1s_sensitivity(tiny_run, tmp_path, caplog):
+    out, _ = tiny_run
+    pre = stage_dir(out, "pretrain")
+    counts, meta = load_artifact(os.path.join(pre, "counts.mec"))
+    sensitivity = meta["sensitivity"]
+    assert sorted(sensitivity) == sorted(counts) and all(v > 0 for v in sensitivity.values())
+    # Reference: plan_tables on stage 1's tables with those weights, and without.
+    tables = TablesOnDisk(os.path.join(pre, "tables"), counts)
+    settings = tiny_settings(compress__target_ratio=5.0)
+    c = settings.compress
+    for rule, weights in (("sensitivity", sensitivity), ("uniform", None)):
+        comp = str(tmp_path / rule)
+        compress(pre, comp, tiny_settings(compress__target_ratio=5.0,
+                                          compress__table_weights=rule), progress=False)
+        _, plan_meta = load_artifact(os.path.join(comp, "plan.mec"))
+        assert plan_meta["table_weights"] == weights
+        expected = plan_tables(tables, c.config, 5.0, codebook_sizes=c.codebook_sizes,
+                               progress=False, table_weights=weights)
+        assert plan_meta["plan"] == {t: dataclasses.asdict(o) for t, o in expected.items()}
+    # A pre-training from before the measurement: every table alike, with a warning.
+    old = tmp_path / "old_pretrain"
+    shutil.copytree(pre, old)
+    del meta["sensitivity"]
+    save_artifact(str(old / "counts.mec"), counts, meta, COUNTS_KIND)
+    with caplog.at_level(logging.WARNING):
+        compress(str(old), str(tmp_path / "old"), settings, progress=False)
+    assert "holds no table sensitivity" in caplog.text and str(old / "counts.mec") in caplog.text
+    _, plan_meta = load_artifact(str(tmp_path / "old" / "plan.mec"))
+    assert plan_meta["table_weights"] is None

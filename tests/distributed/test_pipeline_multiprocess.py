@@ -133,8 +133,15 @@ def _assert_same_model(ref, two, stage):
 
 
 def test_two_ranks_pretrain_like_one(stage1_2):
-    """Stage 1: DMP with TorchRec's EBC sharder, 2 x 64 rows per step vs 1 x 128."""
+    """Stage 1: DMP with TorchRec's EBC sharder, 2 x 64 rows per step vs 1 x 128; and the table
+    sensitivity it records (the same noise per sample under any number of ranks)."""
     _assert_same_model(*stage1_2, "pretrain")
+    ref, two = stage1_2
+    _, one_meta = load_artifact(os.path.join(ref, "pretrain", "counts.mec"))
+    _, two_meta = load_artifact(os.path.join(two, "pretrain", "counts.mec"))
+    assert sorted(two_meta["sensitivity"]) == sorted(one_meta["sensitivity"])
+    for t, v in one_meta["sensitivity"].items():
+        assert two_meta["sensitivity"][t] == pytest.approx(v, rel=1e-4), t
 
 
 def test_two_ranks_finetune_like_one(stage3_4):

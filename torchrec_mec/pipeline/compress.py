@@ -2,7 +2,7 @@
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, Mapping, MutableMapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, MutableMapping, NamedTuple, Optional, Set, Tuple
 
 import torch
 from iopath.common.file_io import g_pathmgr
@@ -93,7 +93,8 @@ def compress(
     Returns:
         str: the URI of ``compressed.mec`` (metadata: ``tables`` with each compressed table's
         quantizer statistics, ``plan`` with the allocator's choice per table, or None without
-        a target ratio); the codes and codebooks are the state directory ``codes/``
+        a target ratio, ``table_weights`` the allocator's weight per table, or None for
+        uniform ones); the codes and codebooks are the state directory ``codes/``
         (``embedding_bags.<table>.codes``, ``embedding_bags.<table>.codebooks``), which stage 3
         loads into its shards.
 
@@ -107,21 +108,23 @@ def compress(
     tables_uri = os.path.join(pretrain_dir, TABLES_DIR)
     counts_uri = os.path.join(pretrain_dir, COUNTS_FILE)
     run_on_main(lambda: verify_state(tables_uri, TABLES_KIND), ctx)  # every shard file, once
-    counts, _ = load_artifact(counts_uri, expect_kind=COUNTS_KIND)
+    counts, counts_meta = load_artifact(counts_uri, expect_kind=COUNTS_KIND)
     all_tables = TablesOnDisk(tables_uri, counts)
     weights = all_tables.shapes
-    plan = None
+    plan, table_weights = None, None
     if settings.compress.target_ratio is not None:
         # The plan's key: what it depends on (plan_tables reads the quantizer's weighting and
         # seed, not its training settings), so a stale plan is never reused.
         c = settings.compress
         key = fingerprint({"target_ratio": c.target_ratio, "codebook_sizes": c.codebook_sizes,
-                           "weighting": c.config.weighting, "seed": c.config.seed},
+                           "weighting": c.config.weighting, "seed": c.config.seed,
+                           "table_weights": c.table_weights},
                           os.path.join(pretrain_dir, TABLES_MANIFEST), counts_uri)
         memo = None if estimates is None else estimates.setdefault(
             fingerprint(None, os.path.join(pretrain_dir, TABLES_MANIFEST), counts_uri), {})
+        table_weights = _table_weights(c.table_weights, counts_meta, counts_uri, set(weights))
         plan = _plan(all_tables, settings, os.path.join(out_dir, PLAN_FILE), key, ctx,
-                     force=force, progress=progress, memo=memo)
+                     force=force, progress=progress, memo=memo, table_weights=table_weights)
     results = quantize_tables(all_tables, settings.compress.config,
                               os.path.join(out_dir, "tables"), min_rows=settings.compress.min_rows,
                               overwrite=force, progress=progress and ctx.is_main,
@@ -143,6 +146,7 @@ def compress(
         meta = {"settings": asdict(settings.compress),
                 "tables": {t: r.stats.to_dict() for t, r in compressed.items()},
                 "plan": None if plan is None else {t: asdict(o) for t, o in plan.items()},
+                "table_weights": table_weights,
                 "full_tables": sorted(set(weights) - set(compressed))}
         save_artifact(out_uri, {}, meta, COMPRESSED_KIND)
     barrier(ctx)
@@ -159,6 +163,7 @@ def _plan(
     force: bool,
     progress: bool,
     memo: Optional[EstimateMemo],
+    table_weights: Optional[Dict[str, float]],
 ) -> Dict[str, TableOption]:
     """The budget plan: checked for reachability on every rank (so all fail alike), estimated
     and saved on rank 0 (with ``memo``'s estimates, see ``plan_tables``), read by all; a saved
@@ -171,20 +176,42 @@ def _plan(
                         or load_artifact(uri, expect_kind=PLAN_KIND)[1]["fingerprint"] != key):
         known = 0 if memo is None else len(memo)
         plan = plan_tables(tables, s.config, s.target_ratio, codebook_sizes=s.codebook_sizes,
-                           progress=progress, sizes=sizes, memo=memo)
+                           progress=progress, sizes=sizes, memo=memo, table_weights=table_weights)
         if memo is not None:
             logger.info("plan: %d error estimates made, %d known from earlier plans",
                         len(memo) - known, known)
-        save_artifact(uri, {}, {"fingerprint": key,
+        save_artifact(uri, {}, {"fingerprint": key, "table_weights": table_weights,
                                 "plan": {t: asdict(o) for t, o in plan.items()}}, PLAN_KIND)
     barrier(ctx)
     _, meta = load_artifact(uri, expect_kind=PLAN_KIND)
     plan = {t: TableOption(**o) for t, o in meta["plan"].items()}
     if ctx.is_main:
+        weights = meta.get("table_weights") or {}
         for t, o in sorted(plan.items(), key=lambda kv: -kv[1].bytes):
             shape = f"M={o.num_subspaces} K={o.codebook_size}" if o.compressed else "full"
-            logger.info("plan: %s %s, %d B, estimated error %.4g", t, shape, o.bytes, o.error)
+            logger.info("plan: %s %s, %d B, estimated error %.4g, table weight %.4g", t, shape,
+                        o.bytes, o.error, weights.get(t, 1.0))
     return plan
+
+
+def _table_weights(rule: str, counts_meta: Mapping[str, Any], counts_uri: str,
+                   tables: Set[str]) -> Optional[Dict[str, float]]:
+    """The budget allocator's table weights for ``compress.table_weights``: None for
+    ``"uniform"``; for ``"sensitivity"``, stage 1's measurement from the metadata of
+    ``counts.mec`` (None, with a warning, for a pre-training made before it was measured)."""
+    if rule == "uniform":
+        return None
+    sensitivity = counts_meta.get("sensitivity")
+    if sensitivity is None:
+        logger.warning("compress: %s holds no table sensitivity (a pre-training made before "
+                       "it was measured): the budget weighs every table alike "
+                       "(compress.table_weights=uniform); run pretrain again for %r",
+                       counts_uri, rule)
+        return None
+    missing = sorted(tables - set(sensitivity))
+    if missing:
+        raise ValueError(f"{counts_uri}: no sensitivity for tables {missing}")
+    return {t: float(sensitivity[t]) for t in sorted(tables)}
 
 
 class TablesOnDisk(Mapping[str, Tuple[torch.Tensor, torch.Tensor]]):

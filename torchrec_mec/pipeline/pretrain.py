@@ -29,6 +29,7 @@ from torchrec_mec.pipeline.outputs import (
     save_model,
 )
 from torchrec_mec.pipeline.parallel import DistContext, barrier, init_distributed
+from torchrec_mec.pipeline.sensitivity import table_sensitivity
 from torchrec_mec.pipeline.settings import Settings
 from torchrec_mec.pipeline.training import drop_checkpoint, remove_checkpoint, train_model
 
@@ -44,7 +45,8 @@ class PretrainOutput(NamedTuple):
         tables_uri (str): ``tables/``: the trained tables (``embedding_bags.<t>.weight``), a
             state directory.
         counts_uri (str): ``counts.mec``: per table, int64 [rows] occurrences of each id in the
-            training split.
+            training split; its metadata ``sensitivity`` holds the trained model's
+            sensitivity to each table (``torchrec_mec.pipeline.sensitivity``).
 
     Example::
 
@@ -113,9 +115,11 @@ def pretrain(
                          fingerprint=want, eval_batch_size=settings.evaluate.batch_size,
                          restore=restore, desc="pretrain", progress=progress,
                          start_competes=False)
+    sensitivity = table_sensitivity(result.model, dataset, ctx, seed=settings.pretrain.seed)
     if ctx.is_main:
         counts = {table_name(f): c for f, c in dataset.id_counts("train").items()}
-        save_artifact(out.counts_uri, counts, {"split": "train"}, COUNTS_KIND)
+        save_artifact(out.counts_uri, counts, {"split": "train", "sensitivity": sensitivity},
+                      COUNTS_KIND)
     save_model(out_dir, result.model.state_dict(), arch,
                {"stage": "pretrain", "world_size": ctx.world_size,
                 "history": result.history.to_dict(),

@@ -64,10 +64,12 @@ def build_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
     (per table: ``rows``, ``dim``, ``compressed``, ``num_subspaces`` and ``codebook_size`` (0
     when full), ``bytes_before``, ``bytes_after``, ``codes_bytes``, ``codebooks_bytes``,
     ``quantizer`` statistics or ``None``, ``plan``: the budget allocator's choice and error
-    estimate, or ``None`` without a target ratio), ``training`` (both histories), ``data``,
-    ``settings`` (as each stage recorded them), ``versions``, ``created``. With
-    ``comparisons`` (``mec compare`` ran and is current), also ``comparisons``: its rows (see
-    ``torchrec_mec.pipeline.compare.compare``), and ``comparisons_plot``: the AUC-memory plot.
+    estimate, or ``None`` without a target ratio, ``table_weight``: the allocator's weight of
+    the table's error, the model's sensitivity to it, or ``None`` when uniform), ``training``
+    (both histories), ``data``, ``settings`` (as each stage recorded them), ``versions``,
+    ``created``. With ``comparisons`` (``mec compare`` ran and is current), also
+    ``comparisons``: its rows (see ``torchrec_mec.pipeline.compare.compare``), and
+    ``comparisons_plot``: the AUC-memory plot.
 
     Raises:
         ArtifactError: a stage output missing or corrupted (names the file).
@@ -84,6 +86,7 @@ def build_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
     _, comp_meta = load_artifact(os.path.join(stage_dir(run_dir, "compress"), "compressed.mec"))
     metrics = read_metrics(os.path.join(stage_dir(run_dir, "evaluate"), METRICS_FILE))
     plan = comp_meta.get("plan") or {}
+    table_weights = comp_meta.get("table_weights") or {}
     tables = {}
     for name, t in metrics["memory"]["tables"].items():
         shape = compressed[name].codebooks.shape[:2] if name in compressed else (0, 0)
@@ -92,7 +95,7 @@ def build_report(run_dir: str, comparisons: bool = False) -> Dict[str, Any]:
                         "bytes_before": t["baseline_bytes"], "bytes_after": t["total_bytes"],
                         "codes_bytes": t["codes_bytes"], "codebooks_bytes": t["codebooks_bytes"],
                         "quantizer": compressed[name].stats if name in compressed else None,
-                        "plan": plan.get(name)}
+                        "plan": plan.get(name), "table_weight": table_weights.get(name)}
     report = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run_dir": os.path.abspath(run_dir),

@@ -194,6 +194,10 @@ class FinetuneSettings(TrainSettings):
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
 
 
+TABLE_WEIGHTS = ("sensitivity", "uniform")
+"""The values of ``CompressSettings.table_weights``."""
+
+
 @dataclass(frozen=True)
 class CompressSettings:
     """Stage 2: which tables are product-quantized, and how.
@@ -209,6 +213,11 @@ class CompressSettings:
             traffic-weighted error most (``torchrec_mec.quantize.budget``). ``min_rows`` and
             the quantizer's M and K are then not used. None: decided by hand.
         codebook_sizes (Tuple[int, ...]): the K the budget allocator considers.
+        table_weights (str): how the budget allocator weighs each table's error:
+            ``"sensitivity"`` by the pre-trained model's sensitivity to the table (measured by
+            stage 1, ``torchrec_mec.pipeline.sensitivity``), so bytes go where the error moves
+            the prediction most; ``"uniform"``: every table alike (the former behaviour, and
+            what a pre-training without the measurement gets).
         min_rows (int): tables with at least this many rows are compressed; smaller ones stay
             full (MEC's published code: 100,000). Must be >= the codebook size.
         method (str): ``"mec"`` (the quantizer as ``quantizer`` says) or ``"kmeans_pq"``
@@ -226,6 +235,7 @@ class CompressSettings:
 
     target_ratio: Optional[float] = None
     codebook_sizes: Tuple[int, ...] = DEFAULT_CODEBOOK_SIZES
+    table_weights: str = "sensitivity"
     min_rows: int = 100_000
     method: str = "mec"
     quantizer: MECConfig = field(default_factory=MECConfig)
@@ -240,6 +250,9 @@ class CompressSettings:
         object.__setattr__(self, "codebook_sizes", tuple(self.codebook_sizes))
         if self.target_ratio is not None and not self.target_ratio >= 1:
             raise ValueError(f"compress.target_ratio must be >= 1, got {self.target_ratio}")
+        if self.table_weights not in TABLE_WEIGHTS:
+            raise ValueError(f"compress.table_weights must be one of {TABLE_WEIGHTS}, got "
+                             f"{self.table_weights!r}")
         if not self.codebook_sizes or not all(2 <= k <= MAX_CODEBOOK_SIZE
                                               for k in self.codebook_sizes):
             raise ValueError(f"compress.codebook_sizes must be in [2, {MAX_CODEBOOK_SIZE}], "

@@ -7,7 +7,7 @@ error within the byte budget comes out (a multiple-choice knapsack, solved exact
 programming over the budget cut into ``BUDGET_UNITS`` units).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
@@ -395,10 +395,13 @@ def plan_tables(
     progress: bool = True,
     sizes: Optional[Mapping[str, Tuple[int, int]]] = None,
     memo: Optional[EstimateMemo] = None,
+    table_weights: Optional[Mapping[str, float]] = None,
 ) -> Dict[str, TableOption]:
     """Decides for every table whether to compress it and with which M and K, so that all
     tables together take at most their float32 size / ``target_ratio``, spending bytes where
-    they cut the traffic-weighted error most.
+    they cut the traffic-weighted error most (each table's error times its weight in
+    ``table_weights``, if given: e.g. the model's sensitivity to the table,
+    ``torchrec_mec.pipeline.sensitivity``).
 
     Each table's candidates that can fit the budget (:func:`affordable_shapes`) get an error
     estimate (:func:`estimate_errors`, k-means fitted with ``config.weighting``'s row weights,
@@ -423,12 +426,17 @@ def plan_tables(
         memo (Optional[EstimateMemo]): estimates of earlier plans of these same tables
             (weights and counts: one memo per set of tables), used instead of estimating
             again; the new ones are added. A table all of whose shapes are in it is not read.
+        table_weights (Optional[Mapping[str, float]]): per table, a finite weight >= 0 of its
+            error in the sum :func:`allocate` minimises (None: all 1).
 
     Returns:
-        Dict[str, TableOption]: per table; ``codebook_size == 0`` means kept full.
+        Dict[str, TableOption]: per table; ``codebook_size == 0`` means kept full. Each
+        option's ``error`` is the estimate itself, not weighted.
 
     Raises:
         BudgetError: the ratio cannot be reached; names the smallest one that can.
+        ValueError: ``table_weights`` misses a table or holds a negative or non-finite weight
+            (names the table).
 
     Example::
 
@@ -443,8 +451,15 @@ def plan_tables(
     """
     if sizes is None:
         sizes = {name: (int(w.shape[0]), int(w.shape[1])) for name, (w, _) in tables.items()}
+    if table_weights is not None:
+        for name in sorted(tables):
+            factor = table_weights.get(name)
+            if factor is None or not (math.isfinite(factor) and factor >= 0):
+                raise ValueError(f"table {name!r}: table weight must be finite and >= 0, got "
+                                 f"{factor!r}")
     affordable = affordable_shapes(sizes, target_ratio, codebook_sizes)
     costs: Dict[str, TableCosts] = {}
+    raw: Dict[str, Dict[Tuple[int, int], TableOption]] = {}
     memo = {} if memo is None else memo
     for name in tqdm(sorted(tables), desc="plan: estimating errors", unit="table",
                      disable=not progress, leave=False):
@@ -465,5 +480,10 @@ def plan_tables(
                         generator=generator, sample_rows=sample_rows)
                 memo.update((keys[shape], option) for shape, option in zip(todo, found))
             options = tuple(memo[keys[shape]] for shape in affordable[name])
+        raw[name] = {(o.num_subspaces, o.codebook_size): o for o in options}
+        if table_weights is not None:
+            options = tuple(replace(o, error=o.error * table_weights[name]) for o in options)
         costs[name] = TableCosts(table_bytes(n, dim, 0, 0), options)
-    return allocate(costs, target_ratio)
+    plan = allocate(costs, target_ratio)
+    return {name: raw[name].get((o.num_subspaces, o.codebook_size), o)
+            for name, o in plan.items()}
