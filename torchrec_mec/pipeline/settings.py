@@ -137,6 +137,8 @@ class TrainSettings:
                              f"validate_every >= 0: {self}")
         if not self.embedding_l2 >= 0:
             raise ValueError(f"embedding_l2 must be >= 0: {self}")
+        if not (self.dense_lr > 0 and self.embedding_lr > 0):
+            raise ValueError(f"learning rates must be > 0: {self}")
 
     def global_batch_size(self, train_rows: int, world_size: int = 1) -> int:
         """The global batch size: ``batch_size``, or with 0 the power of two nearest
@@ -157,8 +159,17 @@ class TrainSettings:
         size = 2 ** round(math.log2(max(train_rows / AUTO_BATCH_STEPS, 1)))
         size = min(max(size, AUTO_BATCH_RANGE[0]), AUTO_BATCH_RANGE[1])
         return -(-size // world_size) * world_size
-        if not (self.dense_lr > 0 and self.embedding_lr > 0):
-            raise ValueError(f"learning rates must be > 0: {self}")
+
+    def validation_interval(self, steps_per_epoch: int) -> int:
+        """Steps between validations within an epoch (0: at epoch ends only):
+        ``validate_every``.
+
+        Example::
+
+            >>> TrainSettings(validate_every=50).validation_interval(1000)
+            50
+        """
+        return self.validate_every
 
 
 PRETRAIN_DEFAULTS = TrainSettings(epochs=10, batch_size=0, patience=1, embedding_l2=1e-4)
@@ -176,14 +187,23 @@ class FinetuneSettings(TrainSettings):
             ``(1 - w) * label + w * sigmoid(teacher logit)``, the teacher being the
             pre-trained (uncompressed) model, which is equivalent to
             ``(1 - w) * BCE(label) + w * BCE(teacher probability)``. 0: labels only.
+        validations_per_epoch (int): with ``validate_every`` 0, validate this many times an
+            epoch, evenly (every ``steps_per_epoch // validations_per_epoch`` steps, at least
+            1), so that ``keep_best`` keeps the best point of the pass: fine-tuning goes over
+            the rows stage 1 fitted, and its best state comes early (docs/pipeline.md). 0: at
+            epoch ends only.
 
     Example::
 
         >>> FinetuneSettings(epochs=2, distill_weight=0.5).distill_weight
         0.5
+        >>> FinetuneSettings().validation_interval(195), FinetuneSettings(
+        ...     validations_per_epoch=0).validation_interval(195)
+        (19, 0)
     """
 
     distill_weight: float = 0.0
+    validations_per_epoch: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -192,6 +212,14 @@ class FinetuneSettings(TrainSettings):
                              f"codebooks), got {self.embedding_optimizer!r}")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.validations_per_epoch < 0:
+            raise ValueError("finetune.validations_per_epoch must be >= 0, got "
+                             f"{self.validations_per_epoch}")
+
+    def validation_interval(self, steps_per_epoch: int) -> int:
+        if self.validate_every or not self.validations_per_epoch:
+            return self.validate_every
+        return max(1, steps_per_epoch // self.validations_per_epoch)
 
 
 TABLE_WEIGHTS = ("sensitivity", "uniform")

@@ -171,7 +171,7 @@ def train_model(
     distill_weight: float = 0.0,
 ) -> TrainResult:
     """Trains ``model`` on the training split (or ``split``), validating after each epoch
-    (and every ``settings.validate_every`` steps within one).
+    (and every ``settings.validation_interval(steps_per_epoch)`` steps within one).
 
     With ``settings.keep_best`` the starting state is validated too, the state with the lowest
     validation log loss is returned, and training stops early once ``settings.patience``
@@ -254,7 +254,7 @@ def train_model(
         _validate(runner, dataset, eval_batch_size, ctx, history, 0, None, desc,
                   start_competes, best, fingerprint)
     steps_per_epoch = dataset.num_batches(split, local_batch, world_size=ctx.world_size)
-    every = settings.validate_every if validate else 0
+    every = settings.validation_interval(steps_per_epoch) if validate else 0
     patience = settings.patience if keep_best else 0
     stopped = _patience_spent(history, patience)
     penalty = EmbeddingPenalty(runner, settings.embedding_l2)
