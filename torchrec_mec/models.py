@@ -6,10 +6,11 @@ only derives their tables and layer sizes from a data set's schema, so that the 
 differing only in the embedding collection: that is what "model-agnostic" means in MEC.
 """
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from torchrec.models.deepfm import SimpleDeepFMNN
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
@@ -151,6 +152,22 @@ class CTRModel(nn.Module):
             )
         return self.arch(dense_features, sparse_features).squeeze(-1)
 
+
+def hook_sparse_arch(model: nn.Module, hook: Callable[..., Any], needed_by: str
+                     ) -> List[RemovableHandle]:
+    """Registers ``hook`` as a forward hook on every ``sparse_arch`` of ``model`` (a
+    ``CTRModel``, plain or wrapped by ``DistributedModelParallel``): the pooled embeddings,
+    ``[B, F, D]`` (DLRM, DLRM-DCN) or a ``KeyedTensor`` (DeepFM).
+
+    Raises:
+        ValueError: ``model`` has no ``sparse_arch`` (names ``needed_by``).
+    """
+    handles = [m.register_forward_hook(hook) for name, m in model.named_modules()
+               if name.split(".")[-1] == "sparse_arch"]
+    if not handles:
+        raise ValueError(f"{needed_by} needs a model with a sparse_arch; "
+                         f"{type(model).__name__} has none")
+    return handles
 
 def build_model(
     config: ModelConfig,

@@ -20,7 +20,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from torchrec_mec.data.dataset import CTRDataset, batch_row_ranges
-from torchrec_mec.models import table_name
+from torchrec_mec.models import hook_sparse_arch, table_name
 from torchrec_mec.pipeline.parallel import DistContext
 from torchrec_mec.quantize.driver import table_seed
 
@@ -117,11 +117,7 @@ def table_sensitivity(
         (['t_C1', 't_C2'], True)
     """
     hook = _Perturb(noise)
-    handles = [m.register_forward_hook(hook) for name, m in runner.named_modules()
-               if name.split(".")[-1] == "sparse_arch"]
-    if not handles:
-        raise ValueError(f"table_sensitivity needs a model with a sparse_arch; "
-                         f"{type(runner).__name__} has none")
+    handles = hook_sparse_arch(runner, hook, "table_sensitivity")
     was_training = runner.training
     runner.eval()
     local = max(1, batch_size // ctx.world_size)

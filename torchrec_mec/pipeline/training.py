@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from torchrec_mec.artifacts import ArtifactError
 from torchrec_mec.data import CTRDataset
-from torchrec_mec.models import CTRModel
+from torchrec_mec.models import CTRModel, hook_sparse_arch
 from torchrec_mec.pipeline.evaluate import evaluate_model
 from torchrec_mec.pipeline.optimizers import ROWWISE_ADAGRAD, RowWiseAdagrad
 from torchrec_mec.pipeline.parallel import (
@@ -406,11 +406,7 @@ class EmbeddingPenalty:
     def __init__(self, model: nn.Module, weight: float) -> None:
         self.weight = weight
         self._terms: List[torch.Tensor] = []
-        self._handles = [m.register_forward_hook(self._hook) for name, m in
-                         model.named_modules() if weight and name.split(".")[-1] == "sparse_arch"]
-        if weight and not self._handles:
-            raise ValueError(f"embedding_l2 needs a model with a sparse_arch; "
-                             f"{type(model).__name__} has none")
+        self._handles = hook_sparse_arch(model, self._hook, "embedding_l2") if weight else []
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if module.training:
